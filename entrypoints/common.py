@@ -1,0 +1,111 @@
+"""What every entry point shares: the training options (one per config field, as in MLproject),
+logging setup, and turning user errors into one clear line and a non-zero exit."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+from typing import Any, Callable
+
+import click
+
+from textclf.errors import TextclfError, TrainingInterrupted
+
+# (option, click type, help). Names match the MLproject parameters exactly; empty means "preset".
+TRAINING_OPTIONS: list[tuple[str, Any, str]] = [
+    ("dataset", str, "shipped dataset: sst2 or r8"),
+    ("data_path", str, "folder with train/dev/test files (json, jsonl, parquet, csv); overrides dataset"),
+    ("mode", click.Choice(["full", "lora"]), "full fine-tuning or LoRA"),
+    ("seed", int, "training seed (0, 42 and 123 are the sweep's defaults)"),
+    ("max_samples", int, "cap on training rows"),
+    ("max_eval_samples", int, "cap on validation rows (logged)"),
+    ("max_test_samples", int, "cap on test rows (logged)"),
+    ("max_length", int, "max tokens per prompt; the text is cut, never the template"),
+    ("prompt_template", str, "prompt with {text} and {class_labels}"),
+    ("base_model", str, "local Hugging Face folder or hub id"),
+    ("head", click.Choice(["mlp", "linear"]), "classification head"),
+    ("head_dropout", float, "dropout in the head"),
+    ("pooling", click.Choice(["auto", "last", "mean"]), "auto: last token (decoders), mean (encoders)"),
+    ("lora_r", int, "LoRA rank"),
+    ("lora_alpha", int, "LoRA alpha"),
+    ("lora_dropout", float, "LoRA dropout"),
+    ("lora_targets", str, "comma-separated module names"),
+    ("learning_rate", float, "peak learning rate"),
+    ("batch_size", int, "training batch size per device"),
+    ("eval_batch_size", int, "evaluation batch size"),
+    ("epochs", float, "training epochs"),
+    ("max_steps", int, "stop after this many steps (overrides epochs when > 0)"),
+    ("eval_steps", int, "evaluate every N steps"),
+    ("save_steps", int, "checkpoint every N steps (a multiple of eval_steps)"),
+    ("logging_steps", int, "log train metrics every N steps"),
+    ("save_total_limit", int, "checkpoints kept (the best one always survives)"),
+    ("metric_for_best", click.Choice(["f1_macro", "accuracy", "precision_macro", "recall_macro", "loss"]),
+     "validation metric that selects the best checkpoint"),
+    ("weight_decay", float, "AdamW weight decay"),
+    ("warmup_ratio", float, "fraction of steps for learning-rate warmup"),
+    ("gradient_accumulation_steps", int, "micro-batches per optimizer step"),
+    ("gradient_checkpointing", click.BOOL, "recompute activations to save memory"),
+    ("precision", click.Choice(["auto", "fp32", "bf16", "fp16"]), "auto: bf16 where supported"),
+    ("group_by_length", click.BOOL, "batch rows of similar length together"),
+    ("output_dir", str, "checkpoints and the final model go to <output_dir>/<run_name>/"),
+    ("run_name", str, "default <dataset>-<mode>-seed<seed>"),
+    ("register", click.BOOL, "register the model in the MLflow model registry"),
+    ("resume", click.BOOL, "continue from the latest complete checkpoint of the output folder"),
+]
+
+
+def _empty_is_none(_ctx, _param, value):
+    # MLproject passes "" for a parameter left at its default: that means "use the preset".
+    return None if value == "" else value
+
+
+def training_options(function: Callable) -> Callable:
+    for name, kind, help_text in reversed(TRAINING_OPTIONS):
+        function = click.option(f"--{name}", type=_Lenient(kind), default=None, callback=_empty_is_none,
+                                help=help_text)(function)
+    return function
+
+
+class _Lenient(click.ParamType):
+    """Accepts "" (an MLproject default) as well as values of the wrapped type."""
+
+    def __init__(self, inner: Any):
+        self.inner = click.types.convert_type(inner)
+        self.name = self.inner.name
+
+    def convert(self, value, param, ctx):
+        if value == "" or value is None:
+            return ""
+        return self.inner.convert(value, param, ctx)
+
+    def get_metavar(self, param, ctx=None):
+        return self.inner.get_metavar(param, ctx) if hasattr(self.inner, "get_metavar") else None
+
+
+def setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("urllib3", "filelock", "alembic", "mlflow.store", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@contextlib.contextmanager
+def user_errors(debug: bool = False):
+    """Print a TextclfError as one line and exit 2; an interrupt exits 130. ``debug`` keeps tracebacks."""
+    try:
+        yield
+    except TextclfError as exc:
+        if debug:
+            raise
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    except (TrainingInterrupted, KeyboardInterrupt) as exc:
+        if debug:
+            raise
+        click.echo(f"stopped: {exc or 'interrupted'}; the MLflow run was ended KILLED", err=True)
+        sys.exit(130)
+
+
+debug_option = click.option("--debug", is_flag=True, default=False, help="show tracebacks")

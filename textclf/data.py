@@ -1,0 +1,307 @@
+"""From files on disk to labeled splits: format, column and label detection, the fixed validation split.
+
+Supported files: JSON Lines, JSON arrays, Parquet and CSV. Splits are found by file name (``train``,
+``dev``/``val``/``validation``, ``test``; shards like ``train-00000-of-00001.parquet`` are joined).
+Labels may be integers or strings. Label names come, in this order, from the Parquet Hugging Face
+metadata, from the preset of a known dataset, or from the sorted union of the labels seen.
+Every problem raises :class:`TextclfError` naming the file.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+from sklearn.model_selection import train_test_split
+
+from textclf.config import DataConfig
+from textclf.errors import TextclfError
+
+log = logging.getLogger(__name__)
+
+FORMATS = {".jsonl": "jsonl", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+SPLIT_ALIASES = {
+    "train": ("train", "training"),
+    "validation": ("dev", "val", "valid", "validation"),
+    "test": ("test", "testing"),
+}
+TEXT_COLUMNS = ("text", "sentence", "content", "review", "document", "body", "question", "input")
+LABEL_COLUMNS = ("label", "labels", "category", "class", "target", "y", "output")
+PRESET_LABEL_NAMES = {
+    "sst2": ["Negative", "Positive"],
+    "r8": ["acq", "crude", "earn", "grain", "interest", "money-fx", "ship", "trade"],
+}
+
+
+@dataclass
+class LabeledSplits:
+    """Train/validation/test frames with columns ``text`` (str) and ``label`` (int id)."""
+
+    train: pd.DataFrame
+    validation: pd.DataFrame
+    test: pd.DataFrame | None
+    label_names: list[str]
+    label_source: str
+    files: dict[str, list[Path]]
+    notes: list[str] = field(default_factory=list)  # what was done to the data, for the log and MLflow
+
+    @property
+    def id2label(self) -> dict[int, str]:
+        return dict(enumerate(self.label_names))
+
+    def summary(self) -> dict[str, int]:
+        sizes = {"train": len(self.train), "validation": len(self.validation)}
+        if self.test is not None:
+            sizes["test"] = len(self.test)
+        return sizes
+
+
+def find_split_files(folder: Path, require_train: bool = True) -> dict[str, list[Path]]:
+    """Map split name -> files, by file name. Raises TextclfError when there is no train split."""
+    if not folder.exists():
+        raise TextclfError(f"{folder}: data folder does not exist")
+    if not folder.is_dir():
+        raise TextclfError(f"{folder}: not a folder (pass the folder holding the train/dev/test files)")
+    splits: dict[str, list[Path]] = {}
+    unsupported: list[str] = []
+    for path in sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")):
+        tokens = set(re.split(r"[^a-z]+", path.stem.lower()))
+        split = next((name for name, aliases in SPLIT_ALIASES.items() if tokens & set(aliases)), None)
+        if split is None:
+            continue
+        if path.suffix.lower() not in FORMATS:
+            unsupported.append(path.name)
+            continue
+        splits.setdefault(split, []).append(path)
+    if unsupported and not splits:
+        raise TextclfError(
+            f"{folder}: unsupported file format ({', '.join(unsupported)}); "
+            f"use one of {', '.join(FORMATS)}"
+        )
+    if require_train and "train" not in splits:
+        found = ", ".join(p.name for p in folder.iterdir()) or "nothing"
+        raise TextclfError(f"{folder}: no train split (expected a file named like train.jsonl; found {found})")
+    return splits
+
+
+def read_table(path: Path) -> tuple[pd.DataFrame, dict[str, list[str]]]:
+    """Read one file into a frame; also return label names declared in its metadata (Parquet only)."""
+    if path.stat().st_size == 0:
+        raise TextclfError(f"{path}: file is empty")
+    kind = FORMATS[path.suffix.lower()]
+    if kind == "parquet":
+        return _read_parquet(path)
+    if kind == "csv":
+        try:
+            return pd.read_csv(path, keep_default_na=False, na_values=[""]), {}
+        except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as exc:
+            raise TextclfError(f"{path}: not a valid CSV file ({_first_line(exc)})") from None
+    return _read_json(path), {}
+
+
+def _first_line(exc: Exception) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+def _read_json(path: Path) -> pd.DataFrame:
+    # Parsed line by line by hand (not pd.read_json) so that a broken line is reported by number.
+    text = path.read_text(encoding="utf-8", errors="strict")
+    if not text.strip():
+        raise TextclfError(f"{path}: file is empty")
+    if text.lstrip().startswith("["):
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise TextclfError(f"{path}: invalid JSON at line {exc.lineno}: {exc.msg}") from None
+    else:
+        rows = []
+        for number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise TextclfError(f"{path}: invalid JSON on line {number}: {exc.msg}") from None
+    if not rows or not all(isinstance(row, dict) for row in rows):
+        raise TextclfError(f"{path}: expected JSON objects with a text and a label field")
+    return pd.DataFrame(rows)
+
+
+def _read_parquet(path: Path) -> tuple[pd.DataFrame, dict[str, list[str]]]:
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as exc:
+        raise TextclfError(f"{path}: not a valid Parquet file ({_first_line(exc)})") from None
+    names: dict[str, list[str]] = {}
+    metadata = (table.schema.metadata or {}).get(b"huggingface")
+    if metadata:
+        try:
+            features = json.loads(metadata).get("info", {}).get("features", {})
+        except json.JSONDecodeError:
+            features = {}
+        for column, feature in features.items():
+            if isinstance(feature, dict) and feature.get("_type") == "ClassLabel" and feature.get("names"):
+                names[column] = list(feature["names"])
+    return table.to_pandas(), names
+
+
+def _pick_column(frame: pd.DataFrame, candidates: tuple[str, ...], what: str, path: Path) -> str:
+    by_lower = {str(c).lower(): c for c in frame.columns}
+    for candidate in candidates:
+        if candidate in by_lower:
+            return by_lower[candidate]
+    raise TextclfError(
+        f"{path}: no {what} column (looked for {', '.join(candidates)}; found {', '.join(map(str, frame.columns))})"
+    )
+
+
+def load_split(paths: list[Path]) -> tuple[pd.DataFrame, dict[str, list[str]]]:
+    """Read and join the files of one split; return a frame with ``text`` and raw ``label`` columns."""
+    frames, declared = [], {}
+    for path in paths:
+        frame, names = read_table(path)
+        if frame.empty:
+            raise TextclfError(f"{path}: file has no rows")
+        text_col = _pick_column(frame, TEXT_COLUMNS, "text", path)
+        label_col = _pick_column(frame, LABEL_COLUMNS, "label", path)
+        texts = frame[text_col]
+        bad = texts.isna() | ~texts.map(lambda t: isinstance(t, str)) | (texts.astype(str).str.strip() == "")
+        if bad.any():
+            first = int(bad.to_numpy().nonzero()[0][0])
+            raise TextclfError(f"{path}: {int(bad.sum())} rows have an empty or non-string text (first: row {first + 1})")
+        labels = frame[label_col]
+        if labels.isna().any():
+            first = int(labels.isna().to_numpy().nonzero()[0][0])
+            raise TextclfError(f"{path}: {int(labels.isna().sum())} rows have no label (first: row {first + 1})")
+        if label_col in names:
+            declared["label"] = names[label_col]
+        frames.append(pd.DataFrame({"text": texts.astype(str).to_numpy(), "label": labels.to_numpy()}))
+    return pd.concat(frames, ignore_index=True), declared
+
+
+def resolve_label_names(
+    raw: dict[str, pd.DataFrame], declared: list[str] | None, dataset_name: str, files: dict[str, list[Path]]
+) -> tuple[list[str], str]:
+    """Decide the ordered label names. Returns (names, where they came from)."""
+    values = pd.concat([frame["label"] for frame in raw.values()], ignore_index=True)
+    is_int = pd.api.types.is_integer_dtype(values) or all(isinstance(v, (int,)) and not isinstance(v, bool) for v in values)
+    if is_int:
+        if declared:
+            return list(declared), "parquet metadata"
+        if dataset_name in PRESET_LABEL_NAMES:
+            return list(PRESET_LABEL_NAMES[dataset_name]), f"preset for {dataset_name}"
+        return [str(v) for v in sorted(set(int(v) for v in values))], "sorted integer labels"
+    if not all(isinstance(v, str) for v in values):
+        kinds = sorted({type(v).__name__ for v in values})
+        raise TextclfError(f"{files['train'][0]}: labels must be all integers or all strings (found {', '.join(kinds)})")
+    seen = set(values)
+    preset = PRESET_LABEL_NAMES.get(dataset_name)
+    if preset and seen <= set(preset):
+        return list(preset), f"preset for {dataset_name}"
+    return sorted(seen), "sorted string labels"
+
+
+def _to_ids(frame: pd.DataFrame, names: list[str], path: Path) -> pd.DataFrame:
+    """Replace raw labels by their index in ``names``. Raises TextclfError naming unknown labels."""
+    labels = frame["label"]
+    if pd.api.types.is_integer_dtype(labels) or all(isinstance(v, int) for v in labels):
+        if all(name.lstrip("-").isdigit() for name in names):  # names are the integer labels themselves
+            mapping = {int(name): i for i, name in enumerate(names)}
+            ids = labels.map(lambda v: mapping.get(int(v)))
+        else:
+            ids = labels.map(lambda v: int(v) if 0 <= int(v) < len(names) else None)
+    else:
+        mapping = {name: i for i, name in enumerate(names)}
+        ids = labels.map(lambda v: mapping.get(str(v)))
+    if ids.isna().any():
+        outside = sorted({str(v) for v in labels[ids.isna()]})
+        raise TextclfError(f"{path}: labels outside the {len(names)} label names {names}: {', '.join(outside[:10])}")
+    return pd.DataFrame({"text": frame["text"], "label": ids.astype("int64")})
+
+
+def carve_validation(train: pd.DataFrame, fraction: float, split_seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Hold out ``fraction`` of train, stratified when every class has two rows, with a fixed seed."""
+    counts = train["label"].value_counts()
+    stratify = train["label"] if counts.min() >= 2 else None
+    fit, held_out = train_test_split(train, test_size=fraction, random_state=split_seed, stratify=stratify)
+    return fit.reset_index(drop=True), held_out.reset_index(drop=True)
+
+
+def load_splits(config: DataConfig) -> LabeledSplits:
+    """Load, label and split the dataset described by ``config``. Raises TextclfError on bad data."""
+    folder = config.resolved_path()
+    files = find_split_files(folder)
+    raw: dict[str, pd.DataFrame] = {}
+    declared: list[str] | None = None
+    for split, paths in files.items():
+        raw[split], names = load_split(paths)
+        declared = declared or names.get("label")
+    names, source = resolve_label_names(raw, declared, config.name, files)
+    frames = {split: _to_ids(frame, names, files[split][0]) for split, frame in raw.items()}
+    notes: list[str] = []
+
+    train_labels = set(frames["train"]["label"])
+    if len(train_labels) < 2:
+        raise TextclfError(f"{files['train'][0]}: the train split has a single class ({names[next(iter(train_labels))]})")
+    for split in ("validation", "test"):
+        if split in frames:
+            unseen = sorted(set(frames[split]["label"]) - train_labels)
+            if unseen:
+                raise TextclfError(
+                    f"{files[split][0]}: labels not present in the train split: {', '.join(names[i] for i in unseen)}"
+                )
+
+    train = frames["train"]
+    if "validation" in frames:
+        validation = frames["validation"]
+    else:
+        train, validation = carve_validation(train, config.validation_fraction, config.split_seed)
+        notes.append(
+            f"no dev split: held out {len(validation)} of {len(frames['train'])} train rows "
+            f"({config.validation_fraction:.0%}, stratified, split seed {config.split_seed}) as validation"
+        )
+    if config.max_samples and config.max_samples < len(train):
+        notes.append(f"max_samples: train capped to {config.max_samples} of {len(train)} rows")
+        train = _sample(train, config.max_samples, config.split_seed)
+    if config.max_eval_samples and config.max_eval_samples < len(validation):
+        notes.append(f"max_eval_samples: validation capped to {config.max_eval_samples} of {len(validation)} rows")
+        validation = _sample(validation, config.max_eval_samples, config.split_seed)
+    test = frames.get("test")
+    if test is not None and config.max_test_samples and config.max_test_samples < len(test):
+        notes.append(f"max_test_samples: test capped to {config.max_test_samples} of {len(test)} rows")
+        test = _sample(test, config.max_test_samples, config.split_seed)
+    if test is None:
+        notes.append("no test split: test metrics are not computed")
+    for note in notes:
+        log.info(note)
+    return LabeledSplits(train, validation, test, names, source, files, notes)
+
+
+def load_test_split(path: Path, label_names: list[str], max_test_samples: int | None = None) -> pd.DataFrame:
+    """Load the test split of a data folder (or one file), labelled with a trained model's ``label_names``.
+
+    Raises TextclfError when there is no test file or a label is unknown to the model.
+    """
+    if path.is_file():
+        if path.suffix.lower() not in FORMATS:
+            raise TextclfError(f"{path}: unsupported file format; use one of {', '.join(FORMATS)}")
+        files = [path]
+    else:
+        files = find_split_files(path, require_train=False).get("test")
+        if not files:
+            raise TextclfError(f"{path}: no test split (expected a file named like test.jsonl)")
+    frame, _ = load_split(files)
+    frame = _to_ids(frame, label_names, files[0])
+    if max_test_samples and max_test_samples < len(frame):
+        frame = _sample(frame, max_test_samples, DataConfig.split_seed)
+    return frame
+
+
+def _sample(frame: pd.DataFrame, n: int, seed: int) -> pd.DataFrame:
+    return frame.sample(n=n, random_state=seed).reset_index(drop=True)

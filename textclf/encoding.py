@@ -1,0 +1,126 @@
+"""From text to model inputs: the classification prompt, tokenization and per-batch padding.
+
+The same :class:`PromptEncoder` is used in training, evaluation and serving (it is saved with the
+model), so a text is always wrapped, truncated and tokenized the same way.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from datasets import Dataset
+from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
+
+
+def format_prompt(template: str, text: str, label_names: Sequence[str]) -> str:
+    """Wrap ``text`` in ``template``; ``{class_labels}`` becomes the JSON list of class names.
+
+    ``str.replace`` rather than ``str.format``: texts may contain braces.
+    """
+    class_labels = json.dumps(list(label_names), ensure_ascii=False)
+    return template.replace("{class_labels}", class_labels).replace("{text}", text)
+
+
+def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    """Right padding and a pad token (eos, then unk, when the tokenizer has none).
+
+    Pooling reads the attention mask, never the pad id, so reusing eos as pad is safe.
+    """
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+@dataclass
+class EncodedTexts:
+    input_ids: list[list[int]]
+    truncated: int  # how many texts were cut to fit max_length
+
+    @property
+    def lengths(self) -> list[int]:
+        return [len(ids) for ids in self.input_ids]
+
+
+class PromptEncoder:
+    """Turns raw texts into token ids of the classification prompt, at most ``max_length`` long.
+
+    When a prompt is too long, the text inside it is cut (by the tokenizer's offsets), never the
+    template around it: the decoder pools the last token, which must stay the end of ``answer:``.
+    """
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, template: str, label_names: Sequence[str], max_length: int):
+        self.tokenizer = prepare_tokenizer(tokenizer)
+        self.template = template
+        self.label_names = list(label_names)
+        self.max_length = max_length
+        empty = self.tokenizer(format_prompt(template, "", self.label_names))["input_ids"]
+        # A few tokens of slack: merges across the text/template boundary can add one or two.
+        self.text_budget = max_length - len(empty) - 4
+        if self.text_budget < 8:
+            raise ValueError(f"max_length {max_length} leaves no room for text after the {len(empty)}-token prompt")
+
+    def encode(self, texts: Sequence[str]) -> EncodedTexts:
+        texts = list(texts)
+        truncated = 0
+        if self.tokenizer.is_fast:
+            pieces = self.tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+            for i, offsets in enumerate(pieces["offset_mapping"]):
+                if len(offsets) > self.text_budget:
+                    texts[i] = texts[i][: offsets[self.text_budget - 1][1]]
+                    truncated += 1
+        prompts = [format_prompt(self.template, text, self.label_names) for text in texts]
+        encoded = self.tokenizer(prompts, truncation=True, max_length=self.max_length)
+        if not self.tokenizer.is_fast:
+            truncated = sum(len(ids) == self.max_length for ids in encoded["input_ids"])
+        return EncodedTexts(encoded["input_ids"], truncated)
+
+    def dataset(self, texts: Sequence[str], labels: Sequence[int] | None = None) -> tuple[Dataset, EncodedTexts]:
+        """A ``datasets.Dataset`` with input_ids, attention_mask, length (for grouping) and labels."""
+        encoded = self.encode(texts)
+        columns = {
+            "input_ids": encoded.input_ids,
+            "attention_mask": [[1] * n for n in encoded.lengths],
+            "length": encoded.lengths,
+        }
+        if labels is not None:
+            columns["labels"] = [int(label) for label in labels]
+        return Dataset.from_dict(columns), encoded
+
+
+class CountingCollator(DataCollatorWithPadding):
+    """Pads each batch to its own longest row, and counts real and padded tokens for throughput metrics.
+
+    Trainer reports samples/s but neither tokens/s nor how much of each batch is padding.
+    """
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase):
+        super().__init__(tokenizer=tokenizer, padding="longest")
+        self.real_tokens = 0
+        self.padded_tokens = 0
+
+    def __call__(self, features):
+        features = [{k: v for k, v in f.items() if k != "length"} for f in features]
+        batch = super().__call__(features)
+        self.real_tokens += int(batch["attention_mask"].sum())
+        self.padded_tokens += int(batch["attention_mask"].numel())
+        return batch
+
+    def reset(self) -> None:
+        self.real_tokens = self.padded_tokens = 0
+
+
+def batches_by_length(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Indices grouped into batches of similar length (longest first), for fast prediction.
+
+    Callers must scatter results back with these indices: sorted order is not input order.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+
+
+def pad_batch(tokenizer: PreTrainedTokenizerBase, input_ids: Sequence[Sequence[int]]) -> dict[str, torch.Tensor]:
+    return tokenizer.pad({"input_ids": [list(ids) for ids in input_ids]}, padding="longest", return_tensors="pt")

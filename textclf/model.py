@@ -1,0 +1,294 @@
+"""The classifier: a pretrained base model, pooling, a classification head, and optional LoRA.
+
+A saved model folder describes itself (``textclf.json``: label names, prompt template, max length,
+pooling, head, base model reference, LoRA settings) next to its tokenizer, backbone weights and
+head weights, so it predicts offline with nothing else on disk.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedTokenizerBase
+from transformers.modeling_outputs import SequenceClassifierOutput
+
+from textclf.config import REPO_ROOT, ModelConfig
+from textclf.errors import TextclfError
+
+log = logging.getLogger(__name__)
+
+SPEC_FILE = "textclf.json"
+HEAD_FILE = "head.safetensors"
+BACKBONE_DIR = "backbone"
+ADAPTER_DIR = "adapter"
+ENCODER_TYPES = {
+    "bert", "roberta", "distilbert", "deberta", "deberta-v2", "electra", "xlm-roberta", "albert", "mpnet",
+    "camembert", "modernbert", "xlnet",
+}
+# Names of the attention/MLP projections in other families, used when the Llama names are absent.
+LORA_TARGET_EQUIVALENTS = [
+    ["query", "key", "value", "dense"],  # BERT, RoBERTa, MiniLM
+    ["q_lin", "k_lin", "v_lin", "out_lin", "lin1", "lin2"],  # DistilBERT
+    ["c_attn", "c_proj", "c_fc"],  # GPT-2
+    ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],  # GPT-NeoX, Falcon
+]
+DEFAULT_LORA_TARGETS = ModelConfig().lora_targets
+
+
+@dataclass
+class ClassifierSpec:
+    """Everything needed to rebuild a classifier and its inputs, saved as ``textclf.json``."""
+
+    label_names: list[str]
+    prompt_template: str
+    max_length: int
+    pooling: str
+    head: str
+    head_dropout: float
+    hidden_size: int
+    base_model: str
+    mode: str
+    lora: dict[str, Any] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def save(self, folder: Path) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / SPEC_FILE).write_text(json.dumps(asdict(self), indent=2, ensure_ascii=False))
+
+    @classmethod
+    def load(cls, folder: Path) -> "ClassifierSpec":
+        path = folder / SPEC_FILE
+        if not path.exists():
+            raise TextclfError(f"{folder}: not a textclf model ({SPEC_FILE} is missing)")
+        return cls(**json.loads(path.read_text()))
+
+
+class MLPHead(nn.Sequential):
+    """hidden -> 512 -> 256 -> classes with ReLU and dropout, Xavier-uniform weights, zero biases."""
+
+    def __init__(self, hidden_size: int, num_labels: int, dropout: float):
+        super().__init__(
+            nn.Dropout(dropout),
+            nn.Linear(hidden_size, 512), nn.ReLU(), nn.Dropout(dropout),
+            nn.Linear(512, 256), nn.ReLU(), nn.Dropout(dropout),
+            nn.Linear(256, num_labels),
+        )
+        for layer in self:
+            if isinstance(layer, nn.Linear):
+                nn.init.xavier_uniform_(layer.weight)
+                nn.init.zeros_(layer.bias)
+
+
+class LinearHead(nn.Sequential):
+    def __init__(self, hidden_size: int, num_labels: int, dropout: float):
+        super().__init__(nn.Dropout(dropout), nn.Linear(hidden_size, num_labels))
+        nn.init.xavier_uniform_(self[1].weight)
+        nn.init.zeros_(self[1].bias)
+
+
+HEAD_CLASSES = {"mlp": MLPHead, "linear": LinearHead}
+
+
+def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> torch.Tensor:
+    """Last non-padding token (decoders) or mean over real tokens (encoders), both read off the mask.
+
+    The last real position is the highest index whose mask is 1, which holds for left and right padding.
+    """
+    mask = attention_mask.to(hidden.dtype)
+    if pooling == "mean":
+        return (hidden * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
+    positions = torch.arange(mask.shape[1], device=mask.device).expand_as(attention_mask)
+    last = (positions * attention_mask).argmax(dim=1)
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+
+
+class TextClassifier(nn.Module):
+    """Base model + pooling + head. Returns logits; with ``labels``, also the cross-entropy loss."""
+
+    def __init__(self, backbone: nn.Module, spec: ClassifierSpec):
+        super().__init__()
+        self.backbone = backbone
+        self.spec = spec
+        head_class = HEAD_CLASSES[spec.head]
+        self.head = head_class(spec.hidden_size, len(spec.label_names), spec.head_dropout)
+        # The HF convention: the label map lives in the model config too.
+        config = self.config
+        config.id2label = dict(enumerate(spec.label_names))
+        config.label2id = {name: i for i, name in enumerate(spec.label_names)}
+        self.reset_counters()
+
+    def reset_counters(self) -> None:
+        """Rows and tokens seen in training mode, for throughput metrics (Trainer reports no tokens/s)."""
+        self.counters = {"samples": 0, "real_tokens": 0, "padded_tokens": 0}
+
+    @property
+    def config(self):
+        return base_of(self.backbone).config
+
+    def forward(self, input_ids=None, attention_mask=None, labels=None, **_: Any) -> SequenceClassifierOutput:
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if self.training:
+            self.counters["samples"] += int(input_ids.shape[0])
+            self.counters["real_tokens"] += int(attention_mask.sum())
+            self.counters["padded_tokens"] += int(attention_mask.numel())
+        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        pooled = pool(hidden, attention_mask, self.spec.pooling)
+        logits = self.head(pooled.to(self.head[-1].weight.dtype))
+        loss = None
+        if labels is not None:
+            # float32 loss under bf16 autocast: the softmax of few classes is cheap and stays exact.
+            loss = nn.functional.cross_entropy(logits.float(), labels)
+        return SequenceClassifierOutput(loss=loss, logits=logits)
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None) -> None:
+        kwargs = gradient_checkpointing_kwargs or {"use_reentrant": False}
+        base_of(self.backbone).gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def base_of(backbone: nn.Module) -> nn.Module:
+    """The plain transformers model under a PEFT wrapper (or the backbone itself)."""
+    get_base = getattr(backbone, "get_base_model", None)
+    return get_base() if get_base else backbone
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """A local folder (absolute, relative to the working folder, or to the repo) or a hub id.
+
+    Raises TextclfError when a path-like name does not exist or is not a model folder.
+    """
+    for candidate in (Path(name_or_path), REPO_ROOT / name_or_path):
+        if candidate.is_dir():
+            if not (candidate / "config.json").exists():
+                raise TextclfError(f"{candidate}: not a Hugging Face model folder (config.json is missing)")
+            return str(candidate)
+    looks_local = name_or_path.startswith((".", "/", "~")) or name_or_path.startswith("ckpt") or name_or_path.count("/") != 1
+    if looks_local:
+        hint = " (run `make install` to create the default model)" if "SmolLM2" in name_or_path else ""
+        raise TextclfError(f"{name_or_path}: base model folder does not exist{hint}")
+    return name_or_path  # a hub id such as meta-llama/Llama-3.2-1B-Instruct
+
+
+def default_pooling(model_type: str) -> str:
+    return "mean" if model_type in ENCODER_TYPES else "last"
+
+
+def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise TextclfError(f"{path}: cannot load a tokenizer ({str(exc).splitlines()[0]})") from None
+
+
+def load_backbone(path: str, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """The base model without its LM head. Raises TextclfError when it cannot be loaded."""
+    try:
+        return AutoModel.from_pretrained(path, dtype=dtype)
+    except (OSError, ValueError, KeyError) as exc:
+        raise TextclfError(f"{path}: cannot load a base model ({str(exc).splitlines()[0]})") from None
+
+
+def resolve_lora_targets(backbone: nn.Module, requested: str) -> list[str]:
+    """Requested module names present in the model; architecture equivalents for the defaults.
+
+    Raises TextclfError listing the model's linear layers when explicit targets are absent.
+    """
+    linear_names = {name.rsplit(".", 1)[-1] for name, module in backbone.named_modules() if isinstance(module, nn.Linear)}
+    wanted = [t.strip() for t in requested.split(",") if t.strip()]
+    missing = [t for t in wanted if t not in linear_names]
+    if not missing:
+        return wanted
+    if requested == DEFAULT_LORA_TARGETS:
+        for family in LORA_TARGET_EQUIVALENTS:
+            present = [t for t in family if t in linear_names]
+            if present:
+                return present
+    raise TextclfError(
+        f"LoRA targets absent from the model: {', '.join(missing)} (its linear layers: {', '.join(sorted(linear_names))})"
+    )
+
+
+def apply_lora(backbone: nn.Module, config: ModelConfig) -> tuple[nn.Module, dict[str, Any]]:
+    from peft import LoraConfig, get_peft_model
+
+    targets = resolve_lora_targets(backbone, config.lora_targets)
+    lora = dict(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout, target_modules=targets)
+    return get_peft_model(backbone, LoraConfig(bias="none", **lora)), lora
+
+
+def build_classifier(
+    config: ModelConfig, mode: str, label_names: list[str], prompt_template: str, max_length: int
+) -> tuple[TextClassifier, PreTrainedTokenizerBase]:
+    """Load the base model and tokenizer, and put a fresh head (and LoRA adapters in lora mode) on it.
+
+    Seed the RNGs before calling: the head's initial weights come from them. Raises TextclfError.
+    """
+    path = resolve_model_path(config.base_model)
+    tokenizer = load_tokenizer(path)
+    backbone = load_backbone(path)
+    model_type = backbone.config.model_type
+    pooling = default_pooling(model_type) if config.pooling == "auto" else config.pooling
+    lora = None
+    if mode == "lora":
+        backbone, lora = apply_lora(backbone, config)
+    spec = ClassifierSpec(
+        label_names=list(label_names), prompt_template=prompt_template, max_length=max_length, pooling=pooling,
+        head=config.head, head_dropout=config.head_dropout, hidden_size=backbone.config.hidden_size,
+        base_model=config.base_model, mode=mode, lora=lora,
+    )
+    return TextClassifier(backbone, spec), tokenizer
+
+
+def rebuild_from_state(folder: Path, state_file: Path) -> tuple[TextClassifier, PreTrainedTokenizerBase]:
+    """Rebuild a classifier from a spec and a Trainer checkpoint's full state dict (``model.safetensors``)."""
+    spec = ClassifierSpec.load(folder)
+    path = resolve_model_path(spec.base_model)
+    tokenizer = load_tokenizer(str(folder)) if (folder / "tokenizer_config.json").exists() else load_tokenizer(path)
+    backbone = load_backbone(path)
+    if spec.lora:
+        from peft import LoraConfig, get_peft_model
+
+        backbone = get_peft_model(backbone, LoraConfig(bias="none", **spec.lora))
+    model = TextClassifier(backbone, spec)
+    model.load_state_dict(load_file(str(state_file)))
+    return model.eval(), tokenizer
+
+
+def save_classifier(model: TextClassifier, tokenizer: PreTrainedTokenizerBase, folder: Path) -> None:
+    """Write a self-contained model folder. LoRA adapters are saved alone too, then merged into the backbone.
+
+    Merging happens in place (the model keeps working and gives the same outputs); the written
+    backbone is a plain transformers model, so loading needs neither PEFT nor the base model.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    if model.spec.lora:
+        model.backbone.save_pretrained(str(folder / ADAPTER_DIR))
+        model.backbone = model.backbone.merge_and_unload()
+    model.backbone.save_pretrained(str(folder / BACKBONE_DIR))
+    save_file({k: v.contiguous() for k, v in model.head.state_dict().items()}, str(folder / HEAD_FILE))
+    tokenizer.save_pretrained(str(folder))
+    model.spec.save(folder)
+
+
+def load_classifier(folder: str | os.PathLike) -> tuple[TextClassifier, PreTrainedTokenizerBase]:
+    """Load a folder written by :func:`save_classifier`. Raises TextclfError if it is not one."""
+    folder = Path(folder)
+    spec = ClassifierSpec.load(folder)
+    backbone = load_backbone(str(folder / BACKBONE_DIR))
+    model = TextClassifier(backbone, spec)
+    model.head.load_state_dict(load_file(str(folder / HEAD_FILE)))
+    tokenizer = load_tokenizer(str(folder))
+    return model.eval(), tokenizer
+
+
+def describe_base(path: str) -> dict[str, Any]:
+    config = AutoConfig.from_pretrained(path)
+    return {"model_type": config.model_type, "hidden_size": config.hidden_size}

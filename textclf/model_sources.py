@@ -1,0 +1,47 @@
+"""What a user can point ``evaluate`` and ``predict`` at, detected and loaded into a classifier.
+
+- ``models:/name@alias``, ``models:/name/3``, ``runs:/<id>/model``: an MLflow pyfunc model
+- a folder written by ``save_classifier`` (``textclf.json`` + ``backbone/``)
+- a Trainer checkpoint (``checkpoint-N`` with ``model.safetensors`` + ``textclf.json``)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from textclf.errors import TextclfError
+from textclf.model import BACKBONE_DIR, SPEC_FILE, TextClassifier, load_classifier, rebuild_from_state
+
+
+@dataclass
+class LoadedModel:
+    model: TextClassifier
+    tokenizer: object
+    kind: str  # how it was found, said to the user
+
+
+def load_model_source(reference: str) -> LoadedModel:
+    """Detect what ``reference`` is and load it. Raises TextclfError when it is none of the known kinds."""
+    if reference.startswith(("models:/", "runs:/")):
+        import mlflow
+
+        try:
+            pyfunc = mlflow.pyfunc.load_model(reference)
+        except mlflow.exceptions.MlflowException as exc:
+            raise TextclfError(f"{reference}: cannot load MLflow model ({str(exc).splitlines()[0]})") from None
+        predictor = pyfunc.unwrap_python_model().predictor
+        return LoadedModel(predictor.model, predictor.encoder.tokenizer, "MLflow pyfunc model")
+    path = Path(reference)
+    if not path.exists():
+        raise TextclfError(f"{reference}: no such model folder or MLflow model URI")
+    if (path / SPEC_FILE).exists() and (path / BACKBONE_DIR).is_dir():
+        model, tokenizer = load_classifier(path)
+        return LoadedModel(model, tokenizer, "textclf model folder")
+    if (path / SPEC_FILE).exists() and (path / "model.safetensors").exists():
+        model, tokenizer = rebuild_from_state(path, path / "model.safetensors")
+        return LoadedModel(model, tokenizer, "Trainer checkpoint")
+    raise TextclfError(
+        f"{reference}: not a textclf model (expected a models:/ or runs:/ URI, a saved model folder with "
+        f"{SPEC_FILE} and {BACKBONE_DIR}/, or a checkpoint folder with {SPEC_FILE} and model.safetensors)"
+    )

@@ -1,0 +1,194 @@
+"""Everything MLflow: the run lifecycle, the training callback, inputs, artifacts and the pyfunc model.
+
+Only the main process (rank 0) talks to MLflow. Under ``mlflow run`` the run MLflow created is
+honoured; started directly, the run goes to experiment ``textclf-<dataset>``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import resource
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import mlflow
+import numpy as np
+import pandas as pd
+import torch
+from transformers import TrainerCallback
+
+from textclf.config import RunConfig, flatten
+from textclf.errors import TextclfError, TrainingInterrupted
+from textclf.evaluation import write_confusion
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+@contextlib.contextmanager
+def interrupts_raise() -> Iterator[None]:
+    """Turn SIGTERM and SIGINT into :class:`TrainingInterrupted`, so cleanup code runs."""
+
+    def handler(signum, _frame):
+        raise TrainingInterrupted(signal.Signals(signum).name)
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+@contextlib.contextmanager
+def tracked_run(experiment_name: str, run_name: str, tags: dict[str, str]) -> Iterator[mlflow.ActiveRun | None]:
+    """Start (or attach to, under ``mlflow run``) the run; end it FINISHED, FAILED or KILLED.
+
+    An exception ends the run FAILED with the error as tag ``error``; SIGINT/SIGTERM ends it KILLED.
+    The exception is re-raised. On ranks other than 0, yields None and logs nothing.
+    """
+    if not is_main_process():
+        with interrupts_raise():
+            yield None
+        return
+    if not os.environ.get("MLFLOW_RUN_ID"):
+        mlflow.set_experiment(experiment_name)
+    run = mlflow.start_run(run_name=None if os.environ.get("MLFLOW_RUN_ID") else run_name)
+    mlflow.set_tags({**tags, "mlflow.runName": run_name} if not os.environ.get("MLFLOW_RUN_ID") else tags)
+    try:
+        with interrupts_raise():
+            yield run
+    except (TrainingInterrupted, KeyboardInterrupt) as exc:
+        _end_with_error("KILLED", exc)
+        raise
+    except BaseException as exc:
+        _end_with_error("FAILED", exc)
+        raise
+    else:
+        mlflow.end_run("FINISHED")
+
+
+def _end_with_error(status: str, exc: BaseException) -> None:
+    message = str(exc) or type(exc).__name__
+    with contextlib.suppress(Exception):
+        mlflow.set_tag("error", f"{type(exc).__name__}: {message}"[:5000])
+    mlflow.end_run(status)
+
+
+def log_config(config: RunConfig) -> None:
+    mlflow.log_params(flatten(config))
+    mlflow.log_text(config.to_json(), "config.json")
+
+
+def log_dataset(frame: pd.DataFrame, source: str, name: str, context: str) -> None:
+    dataset = mlflow.data.from_pandas(frame, source=source, name=name, targets="label")
+    mlflow.log_input(dataset, context=context)
+
+
+def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
+    finite = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+    if finite and is_main_process():
+        mlflow.log_metrics(finite, step=step)
+
+
+def peak_memory_mb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+class MlflowTrainingCallback(TrainerCallback):
+    """Logs Trainer events to the active run with steps, one confusion matrix per evaluation,
+    throughput (samples/s, tokens/s, padding fraction, peak memory), and stops on a NaN/inf loss.
+
+    Written by hand rather than transformers' MLflowCallback: that one starts runs itself, names
+    metrics its own way, and logs no confusion matrices or throughput.
+    """
+
+    TRAIN_KEYS = {"loss": "train/loss", "learning_rate": "train/learning_rate", "grad_norm": "train/grad_norm"}
+
+    def __init__(self, model, evaluation_state: dict[str, Any]):
+        self.model = model  # the TextClassifier, whose forward counts the tokens it trains on
+        self.evaluation_state = evaluation_state  # filled by compute_metrics with the latest confusion
+        self.started = 0.0
+        self.eval_seconds = 0.0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.started = time.perf_counter()
+        self.eval_seconds = 0.0
+        self.model.reset_counters()
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        logs = logs or {}
+        loss = logs.get("loss")
+        if loss is not None and not math.isfinite(loss):
+            raise TextclfError(f"training loss is {loss} at step {state.global_step}: stopping the run")
+        self.eval_seconds += logs.get("eval_runtime", 0.0)
+        metrics = {self.TRAIN_KEYS[k]: v for k, v in logs.items() if k in self.TRAIN_KEYS}
+        metrics.update({f"eval/{k[5:]}": v for k, v in logs.items() if k.startswith("eval_") and "runtime" not in k
+                        and "per_second" not in k})
+        if "loss" in logs:
+            metrics.update(self.throughput())
+        log_metrics(metrics, step=state.global_step)
+
+    def throughput(self) -> dict[str, float]:
+        seconds = max(time.perf_counter() - self.started - self.eval_seconds, 1e-9)
+        counters = self.model.counters
+        return {
+            "train/samples_per_second": counters["samples"] / seconds,
+            "train/tokens_per_second": counters["real_tokens"] / seconds,
+            "train/pad_fraction": 1 - counters["real_tokens"] / max(counters["padded_tokens"], 1),
+            "train/peak_memory_mb": peak_memory_mb(),
+        }
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        latest = self.evaluation_state.get("confusion")
+        if latest is None or not state.is_world_process_zero:
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            for path in write_confusion(latest, Path(tmp) / f"confusion_matrix_step_{state.global_step}",
+                                        f"validation, step {state.global_step}"):
+                mlflow.log_artifact(str(path), artifact_path="eval")
+
+
+def log_model(model_dir: Path, label_names: list[str], example_texts: list[str]) -> str:
+    """Log the saved model folder as the pyfunc model ``model``; return its model URI."""
+    from mlflow.models import infer_signature
+
+    from textclf.serving import TextClassifierPyfunc, output_frame
+
+    example = pd.DataFrame({"text": example_texts[:3]})
+    fake_probs = np.full((len(example), len(label_names)), 1.0 / len(label_names))
+    signature = infer_signature(example, output_frame(fake_probs, label_names))
+    info = mlflow.pyfunc.log_model(
+        name="model",
+        python_model=TextClassifierPyfunc(),
+        artifacts={"model_dir": str(model_dir)},
+        code_paths=[str(PACKAGE_DIR)],
+        signature=signature,
+        input_example=example,
+        pip_requirements=pip_requirements(),
+    )
+    return info.model_uri
+
+
+def pip_requirements() -> list[str]:
+    """The serving environment, stated rather than inferred (inference loads the model: slow)."""
+    from importlib.metadata import version
+
+    names = ["torch", "transformers", "tokenizers", "safetensors", "peft", "pandas", "numpy", "scikit-learn",
+             "matplotlib", "pyarrow", "tqdm", "datasets", "mlflow"]
+    return [f"{name}=={version(name)}" for name in names]
+
+
+def print_run_link(run_id: str) -> None:
+    print(f"MLflow run {run_id} (tracking URI {mlflow.get_tracking_uri()})", file=sys.stderr)
