@@ -13,15 +13,17 @@ from entrypoints.common import debug_option, setup_logging, user_errors
 @click.command(name="evaluate")
 @click.option("--model_uri", required=True, help="models:/ or runs:/ URI, a saved model folder or a checkpoint")
 @click.option("--data_path", required=True, help="a data folder with a test split, or one file")
-@click.option("--max_test_samples", type=int, default=None, help="cap on test rows (logged)")
-@click.option("--batch_size", type=int, default=32)
+@click.option("--max_test_samples", default="", help="cap on test rows (logged)")
+@click.option("--batch_size", type=float, default=32, help="texts per forward pass")
 @click.option("--experiment_name", default="", help="default textclf-<dataset>")
 @debug_option
-def evaluate(model_uri: str, data_path: str, max_test_samples: int | None, batch_size: int,
+def evaluate(model_uri: str, data_path: str, max_test_samples: str, batch_size: float,
              experiment_name: str, debug: bool) -> None:
     """Evaluate MODEL_URI on the test split of DATA_PATH; log test metrics and artifacts to MLflow."""
     setup_logging()
     with user_errors(debug):
+        max_test_samples = int(max_test_samples) if max_test_samples else None
+        batch_size = int(batch_size)
         from textclf.config import DataConfig
         from textclf.data import load_test_split
         from textclf.evaluation import write_test_artifacts

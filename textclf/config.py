@@ -68,6 +68,7 @@ class ModelConfig:
     head: str = "mlp"
     head_dropout: float = 0.1
     pooling: str = "auto"  # auto: last token for decoders, mean for encoders
+    calibration_samples: int = 128  # train rows used to standardize the head's input (0: off)
     lora_r: int = 64
     lora_alpha: int = 16
     lora_dropout: float = 0.1
@@ -77,6 +78,7 @@ class ModelConfig:
 @dataclass(frozen=True)
 class TrainingConfig:
     learning_rate: float = 5e-4
+    head_learning_rate: float | None = None  # the fresh head often wants more than the backbone; None: same
     batch_size: int = 8
     eval_batch_size: int = 32
     epochs: float = 8.0
@@ -193,8 +195,10 @@ def validate(config: RunConfig) -> None:
             f"save_steps ({training.save_steps}) must be a multiple of eval_steps ({training.eval_steps}) "
             "so that the best checkpoint can be kept"
         )
-    if training.learning_rate <= 0:
-        raise TextclfError(f"learning_rate must be positive, got {training.learning_rate}")
+    for name in ("learning_rate", "head_learning_rate"):
+        value = getattr(training, name)
+        if value is not None and value <= 0:
+            raise TextclfError(f"{name} must be positive, got {value}")
     if training.epochs <= 0 and training.max_steps <= 0:
         raise TextclfError("set epochs > 0 or max_steps > 0")
 
@@ -202,7 +206,9 @@ def validate(config: RunConfig) -> None:
 def flatten(config: RunConfig, max_length: int = 500) -> dict[str, str]:
     """Flatten the config to MLflow params (``section.key``), each value at most ``max_length`` chars.
 
-    A longer value (a custom prompt template) is cut with a marker; the full value is in config.json.
+    Top-level fields go under ``run.``: ``mlflow run`` logs its raw entry-point parameters (``mode``,
+    ``seed``, ...) under bare names, and MLflow refuses to change a logged value. A longer value (a
+    custom prompt template) is cut with a marker; the full value is in config.json.
     """
     flat: dict[str, str] = {}
 
@@ -214,5 +220,8 @@ def flatten(config: RunConfig, max_length: int = 500) -> dict[str, str]:
         text = str(value)
         flat[prefix] = text if len(text) <= max_length else text[: max_length - 14] + "...[truncated]"
 
-    walk("", config.to_dict())
+    sections = ("data", "model", "training")
+    config_dict = config.to_dict()
+    walk("", {"run": {k: v for k, v in config_dict.items() if k not in sections},
+              **{k: config_dict[k] for k in sections}})
     return flat

@@ -14,6 +14,8 @@ import torch
 from datasets import Dataset
 from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
 
+from textclf.errors import TextclfError
+
 
 def format_prompt(template: str, text: str, label_names: Sequence[str]) -> str:
     """Wrap ``text`` in ``template``; ``{class_labels}`` becomes the JSON list of class names.
@@ -61,7 +63,7 @@ class PromptEncoder:
         # A few tokens of slack: merges across the text/template boundary can add one or two.
         self.text_budget = max_length - len(empty) - 4
         if self.text_budget < 8:
-            raise ValueError(f"max_length {max_length} leaves no room for text after the {len(empty)}-token prompt")
+            raise TextclfError(f"max_length {max_length} leaves no room for text after the {len(empty)}-token prompt")
 
     def encode(self, texts: Sequence[str]) -> EncodedTexts:
         texts = list(texts)

@@ -71,12 +71,38 @@ class ClassifierSpec:
         return cls(**json.loads(path.read_text()))
 
 
+class FeatureScaler(nn.Module):
+    """Per-dimension standardization of the pooled features, with statistics measured once.
+
+    Decoder hidden states carry a few "massive activation" dimensions (in SmolLM2 |x| reaches 45
+    while the median per-dimension std is 0.2) that are nearly constant across inputs; a freshly
+    initialized head sees mostly those and learns slowly. Measured on cached SmolLM2 features of
+    SST-2: an MLP head reached 48% test accuracy after 25 steps on raw features and 66% on
+    standardized ones. The statistics are buffers: saved, loaded and applied at prediction time.
+    """
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.register_buffer("shift", torch.zeros(hidden_size))
+        self.register_buffer("scale", torch.ones(hidden_size))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return (features - self.shift) / self.scale
+
+    @torch.no_grad()
+    def fit(self, features: torch.Tensor) -> None:
+        self.shift.copy_(features.mean(0))
+        self.scale.copy_(features.std(0).clamp(min=1e-3) if len(features) > 1 else torch.ones_like(self.scale))
+
+
 class MLPHead(nn.Sequential):
-    """hidden -> 512 -> 256 -> classes with ReLU and dropout, Xavier-uniform weights, zero biases."""
+    """standardize -> hidden -> 512 -> 256 -> classes with ReLU and dropout, Xavier-uniform weights,
+    zero biases. No dropout on the pooled input: dropping a massive-activation dimension swamps the
+    logits with noise."""
 
     def __init__(self, hidden_size: int, num_labels: int, dropout: float):
         super().__init__(
-            nn.Dropout(dropout),
+            FeatureScaler(hidden_size),
             nn.Linear(hidden_size, 512), nn.ReLU(), nn.Dropout(dropout),
             nn.Linear(512, 256), nn.ReLU(), nn.Dropout(dropout),
             nn.Linear(256, num_labels),
@@ -89,9 +115,9 @@ class MLPHead(nn.Sequential):
 
 class LinearHead(nn.Sequential):
     def __init__(self, hidden_size: int, num_labels: int, dropout: float):
-        super().__init__(nn.Dropout(dropout), nn.Linear(hidden_size, num_labels))
-        nn.init.xavier_uniform_(self[1].weight)
-        nn.init.zeros_(self[1].bias)
+        super().__init__(FeatureScaler(hidden_size), nn.Dropout(dropout), nn.Linear(hidden_size, num_labels))
+        nn.init.xavier_uniform_(self[2].weight)
+        nn.init.zeros_(self[2].bias)
 
 
 HEAD_CLASSES = {"mlp": MLPHead, "linear": LinearHead}
@@ -141,13 +167,31 @@ class TextClassifier(nn.Module):
             self.counters["real_tokens"] += int(attention_mask.sum())
             self.counters["padded_tokens"] += int(attention_mask.numel())
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        pooled = pool(hidden, attention_mask, self.spec.pooling)
-        logits = self.head(pooled.to(self.head[-1].weight.dtype))
+        logits = self.head(self.pooled(hidden, attention_mask))
         loss = None
         if labels is not None:
             # float32 loss under bf16 autocast: the softmax of few classes is cheap and stays exact.
             loss = nn.functional.cross_entropy(logits.float(), labels)
         return SequenceClassifierOutput(loss=loss, logits=logits)
+
+    def pooled(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return pool(hidden, attention_mask, self.spec.pooling).to(self.head[-1].weight.dtype)
+
+    @torch.no_grad()
+    def calibrate(self, batches) -> int:
+        """Fit the head's feature standardization on pooled features of a few training batches.
+
+        Call before training, on the frozen starting model. Returns the number of rows used.
+        """
+        was_training = self.training
+        self.eval()
+        features = []
+        for batch in batches:
+            hidden = self.backbone(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+            features.append(self.pooled(hidden, batch["attention_mask"]).float())
+        self.head[0].fit(torch.cat(features))
+        self.train(was_training)
+        return sum(len(f) for f in features)
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None) -> None:
         kwargs = gradient_checkpointing_kwargs or {"use_reentrant": False}

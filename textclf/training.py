@@ -21,7 +21,7 @@ from transformers import DataCollatorWithPadding, Trainer, TrainerCallback, Trai
 from textclf import checkpoints
 from textclf.config import RunConfig
 from textclf.data import LabeledSplits, load_splits
-from textclf.encoding import PromptEncoder
+from textclf.encoding import PromptEncoder, batches_by_length, pad_batch
 from textclf.errors import TextclfError
 from textclf.evaluation import METRIC_NAMES, classification_metrics, confusion, write_test_artifacts
 from textclf.inference import Predictor
@@ -158,6 +158,8 @@ def run_training(config: RunConfig, deepspeed: dict | None = None, extra_tags: d
         tracking.log_metrics({"data/train_truncated": train_encoded.truncated,
                               "data/validation_truncated": eval_encoded.truncated,
                               "data/train_mean_tokens": float(np.mean(train_encoded.lengths))})
+        if config.model.calibration_samples and deepspeed is None:  # ZeRO-3 params exist only inside the engine
+            calibrate_head(model, encoder, splits.train["text"], config.model.calibration_samples, config.seed)
         if config.training.gradient_checkpointing:
             model.gradient_checkpointing_enable()
         evaluation_state: dict[str, Any] = {}
@@ -170,11 +172,33 @@ def run_training(config: RunConfig, deepspeed: dict | None = None, extra_tags: d
             data_collator=DataCollatorWithPadding(tokenizer, padding="longest"),
             compute_metrics=make_compute_metrics(len(splits.label_names), splits.label_names, evaluation_state),
             callbacks=[tracking.MlflowTrainingCallback(model, evaluation_state), CheckpointCallback(model.spec, tokenizer)],
+            optimizers=(make_optimizer(model, config) if deepspeed is None else None, None),
         )
         trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
         best = _best_validation_metrics(trainer)
         tracking.log_metrics({f"best/{k}": v for k, v in best.items()})
         return _finish(config, trainer, model, tokenizer, splits, best, run, output_dir)
+
+
+def make_optimizer(model, config: RunConfig) -> torch.optim.Optimizer | None:
+    """AdamW with its own learning rate for the head, or None to let the Trainer build its default."""
+    t = config.training
+    if t.head_learning_rate is None or t.head_learning_rate == t.learning_rate:
+        return None
+    head = [p for p in model.head.parameters() if p.requires_grad]
+    head_ids = {id(p) for p in head}
+    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in head_ids]
+    return torch.optim.AdamW([{"params": rest, "lr": t.learning_rate}, {"params": head, "lr": t.head_learning_rate}],
+                             lr=t.learning_rate, weight_decay=t.weight_decay)
+
+
+def calibrate_head(model, encoder: PromptEncoder, texts, count: int, seed: int) -> None:
+    sample = texts.sample(n=min(count, len(texts)), random_state=seed).tolist()
+    encoded = encoder.encode(sample)
+    batches = (pad_batch(encoder.tokenizer, [encoded.input_ids[i] for i in indices])
+               for indices in batches_by_length(encoded.lengths, 16))
+    rows = model.calibrate(batches)
+    log.info("head input standardized on %d training rows", rows)
 
 
 def tracked_run_for(config: RunConfig, tags: dict[str, str]):

@@ -1,0 +1,107 @@
+"""The classifier: pooling consistency, head, LoRA targets, save/load and merge round trips."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from textclf.config import ModelConfig
+from textclf.encoding import PromptEncoder, format_prompt
+from textclf.errors import TextclfError
+from textclf.inference import Predictor
+from textclf.model import MLPHead, build_classifier, load_classifier, save_classifier
+
+TEXTS = ["a gem", "a dull , boring mess that goes on and on and never ends", "fine", "great acting and a moving story"]
+NAMES = ["Negative", "Positive"]
+
+
+def make(base, mode="lora", **overrides):
+    from textclf.config import DEFAULT_PROMPT_TEMPLATE
+
+    torch.manual_seed(0)
+    model, tokenizer = build_classifier(ModelConfig(base_model=base, **overrides), mode, NAMES, DEFAULT_PROMPT_TEMPLATE, 128)
+    return model.eval(), tokenizer
+
+
+@pytest.mark.parametrize("base", ["tiny_llama", "minilm", "tiny_llama_no_pad"])
+def test_batch_gives_same_logits_as_one_text_at_a_time(base, request):
+    model, tokenizer = make(request.getfixturevalue(base))
+    predictor = Predictor(model, tokenizer, batch_size=4)
+    batched = predictor.logits(TEXTS)
+    predictor.batch_size = 1
+    single = predictor.logits(TEXTS)
+    assert torch.allclose(torch.from_numpy(batched), torch.from_numpy(single), atol=1e-5)
+    assert tokenizer.pad_token is not None and tokenizer.padding_side == "right"
+
+
+def test_pooling_defaults_follow_the_architecture(tiny_llama, minilm):
+    assert make(tiny_llama)[0].spec.pooling == "last"
+    assert make(minilm)[0].spec.pooling == "mean"
+
+
+def test_mlp_head_shape_and_init():
+    head = MLPHead(64, 8, 0.1)
+    linears = [m for m in head if isinstance(m, torch.nn.Linear)]
+    assert [(l.in_features, l.out_features) for l in linears] == [(64, 512), (512, 256), (256, 8)]
+    assert all(float(l.bias.detach().abs().sum()) == 0 for l in linears)
+    bound = (6 / (64 + 512)) ** 0.5  # Xavier uniform
+    assert float(linears[0].weight.abs().max()) <= bound
+
+
+def test_lora_targets_llama_names_and_encoder_equivalents(tiny_llama, minilm):
+    llama, _ = make(tiny_llama)
+    assert sorted(llama.spec.lora["target_modules"]) == sorted(
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    assert llama.spec.lora["r"] == 64 and llama.spec.lora["lora_alpha"] == 16
+    trainable = {n.split(".")[0] for n, p in llama.named_parameters() if p.requires_grad}
+    assert trainable == {"backbone", "head"}
+    assert all("lora_" in n for n, p in llama.backbone.named_parameters() if p.requires_grad)
+    bert, _ = make(minilm)
+    assert set(bert.spec.lora["target_modules"]) == {"query", "key", "value", "dense"}
+
+
+def test_absent_lora_targets_are_refused(tiny_llama):
+    with pytest.raises(TextclfError, match="LoRA targets absent from the model: nope"):
+        make(tiny_llama, lora_targets="q_proj,nope")
+
+
+def test_missing_or_invalid_base_model(tmp_path):
+    with pytest.raises(TextclfError, match="base model folder does not exist"):
+        make(str(tmp_path / "missing"))
+    (tmp_path / "notamodel").mkdir()
+    with pytest.raises(TextclfError, match="not a Hugging Face model folder"):
+        make(str(tmp_path / "notamodel"))
+
+
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_save_load_round_trip_and_merged_equals_adapter(tmp_path, tiny_llama, mode):
+    model, tokenizer = make(tiny_llama, mode=mode)
+    if mode == "lora":  # make the adapter matter: LoRA's B starts at zero
+        with torch.no_grad():
+            for name, param in model.backbone.named_parameters():
+                if "lora_B" in name:
+                    param.normal_(0, 0.5)
+    before = Predictor(model, tokenizer).logits(TEXTS)
+    save_classifier(model, tokenizer, tmp_path / "model")  # merges LoRA in place
+    after_merge = Predictor(model, tokenizer).logits(TEXTS)
+    loaded, loaded_tokenizer = load_classifier(tmp_path / "model")
+    reloaded = Predictor(loaded, loaded_tokenizer).logits(TEXTS)
+    assert abs(before - after_merge).max() < 1e-4
+    assert abs(before - reloaded).max() < 1e-4
+    assert loaded.config.id2label == {0: "Negative", 1: "Positive"}
+    if mode == "lora":
+        assert (tmp_path / "model" / "adapter" / "adapter_config.json").exists()
+
+
+def test_truncation_cuts_the_text_not_the_template(tiny_llama):
+    from textclf.config import DEFAULT_PROMPT_TEMPLATE
+    from textclf.model import load_tokenizer
+
+    tokenizer = load_tokenizer(tiny_llama)
+    encoder = PromptEncoder(tokenizer, DEFAULT_PROMPT_TEMPLATE, NAMES, max_length=120)
+    encoded = encoder.encode(["word " * 500, "short"])
+    assert encoded.truncated == 1
+    assert max(encoded.lengths) <= 120
+    tail = tokenizer.decode(encoded.input_ids[0][-6:])
+    assert tail.endswith("answer:")
+    assert format_prompt(DEFAULT_PROMPT_TEMPLATE, "x {y}", NAMES).endswith('["Negative", "Positive"],answer:')

@@ -1,0 +1,92 @@
+"""Training through the real `train` entry point, on tiny models, into a real MLflow store."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+from mlflow import MlflowClient
+
+from entrypoints.train import train
+
+FAST = ["--max_steps", "6", "--eval_steps", "3", "--save_steps", "3", "--logging_steps", "1",
+        "--batch_size", "8", "--eval_batch_size", "16", "--max_length", "128", "--precision", "fp32"]
+
+
+def run_train(*args: str) -> str:
+    result = CliRunner().invoke(train, list(args), catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    runs = mlflow.search_runs(search_all_experiments=True, order_by=["start_time DESC"], output_format="list")
+    return runs[0].info.run_id
+
+
+@pytest.mark.parametrize("base, mode", [("tiny_llama", "lora"), ("tiny_llama", "full"), ("minilm", "lora"), ("minilm", "full")])
+def test_train_tracks_everything_and_logs_a_self_contained_model(request, tmp_path, mlflow_store, tiny_dataset, base, mode):
+    base_copy = shutil.copytree(request.getfixturevalue(base), tmp_path / "base")
+    lr = "5e-3" if mode == "lora" else "1e-3"
+    run_id = run_train("--data_path", str(tiny_dataset), "--mode", mode, "--base_model", str(base_copy),
+                       "--learning_rate", lr, "--seed", "0", *FAST)
+    client = MlflowClient()
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert client.get_experiment(run.info.experiment_id).name == "textclf-tinysent"
+    assert run.info.run_name == f"tinysent-{mode}-seed0"
+    assert run.data.tags["mode"] == mode and run.data.tags["seed"] == "0"
+    params = run.data.params
+    assert params["run.mode"] == mode and params["model.base_model"] == str(base_copy)
+    assert params["training.learning_rate"] == lr and params["data.label_names"] == '["0", "1"]'
+    assert all(len(value) <= 500 for value in params.values())
+    losses = client.get_metric_history(run_id, "train/loss")
+    assert len({m.step for m in losses}) >= 5
+    assert [m.step for m in client.get_metric_history(run_id, "eval/f1_macro")] == [3, 6]
+    for name in ("train/learning_rate", "train/grad_norm", "train/tokens_per_second", "train/pad_fraction",
+                 "eval/accuracy", "eval/loss", "best/f1_macro", "test/accuracy", "test/f1_macro"):
+        assert name in run.data.metrics, name
+    artifacts = {a.path for a in client.list_artifacts(run_id, "eval")} | {a.path for a in client.list_artifacts(run_id, "test")}
+    assert {"eval/confusion_matrix_step_3.png", "eval/confusion_matrix_step_6.json", "test/confusion_matrix.png",
+            "test/classification_report.json", "test/test_results.json", "test/test_summary.txt",
+            "test/predictions.parquet"} <= artifacts
+    assert "config.json" in {a.path for a in client.list_artifacts(run_id)}
+    # no checkpoint was uploaded
+    assert not any("checkpoint" in a.path for a in client.list_artifacts(run_id))
+    assert Path(f"outputs/tinysent-{mode}-seed0/model/textclf.json").exists()
+
+    # The logged model predicts offline, with the base model and outputs/ gone, as the trained model did.
+    expected = pd.read_parquet(client.download_artifacts(run_id, "test/predictions.parquet", str(tmp_path)))
+    shutil.rmtree(base_copy)
+    shutil.rmtree("outputs")
+    model = mlflow.pyfunc.load_model(f"runs:/{run_id}/model")
+    predicted = model.predict(pd.DataFrame({"text": expected["text"]}))
+    assert predicted["label"].tolist() == expected["predicted"].tolist()
+    assert (predicted["score"] - expected["score"]).abs().max() < 1e-5
+    assert set(predicted.columns) == {"label", "label_id", "score", "prob_0", "prob_1"}
+    assert abs(predicted[["prob_0", "prob_1"]].sum(axis=1) - 1).max() < 1e-5
+
+    version = client.get_model_version("textclf-tinysent", "1")
+    assert version.run_id == run_id and version.tags["seed"] == "0" and version.tags["mode"] == mode
+    assert float(version.tags["validation_f1_macro"]) == pytest.approx(run.data.metrics["best/f1_macro"])
+
+
+def test_tiny_llama_learns_the_easy_task(mlflow_store, tiny_dataset, tiny_llama):
+    run_id = run_train("--data_path", str(tiny_dataset), "--mode", "full", "--base_model", tiny_llama,
+                       "--learning_rate", "3e-3", *FAST[:1], "30", *FAST[2:6], "6", *FAST[6:], "--register", "false")
+    metrics = MlflowClient().get_run(run_id).data.metrics
+    assert metrics["test/accuracy"] >= 0.9, metrics
+
+
+def test_best_checkpoint_is_selected_and_survives_the_limit(mlflow_store, tiny_dataset, tiny_llama):
+    run_id = run_train("--data_path", str(tiny_dataset), "--mode", "lora", "--base_model", tiny_llama,
+                       "--learning_rate", "5e-3", *FAST[:4], "2", "--save_steps", "2", *FAST[6:],
+                       "--save_total_limit", "1", "--register", "false")
+    client = MlflowClient()
+    history = {m.step: m.value for m in client.get_metric_history(run_id, "eval/f1_macro")}
+    best = client.get_run(run_id).data.metrics["best/f1_macro"]
+    assert best == max(history.values())
+    state = json.loads(sorted(Path("outputs/tinysent-lora-seed42").glob("checkpoint-*/trainer_state.json"))[-1].read_text())
+    assert Path(state["best_model_checkpoint"]).exists()
+    assert all((p / "COMPLETE").exists() for p in Path("outputs/tinysent-lora-seed42").glob("checkpoint-*"))
