@@ -14,8 +14,9 @@ from mlflow import MlflowClient
 
 from entrypoints.train import train
 
-FAST = ["--max_steps", "6", "--eval_steps", "3", "--save_steps", "3", "--logging_steps", "1",
-        "--batch_size", "8", "--eval_batch_size", "16", "--max_length", "128", "--precision", "fp32"]
+COMMON = ["--logging_steps", "1", "--batch_size", "8", "--eval_batch_size", "16", "--max_length", "128",
+          "--precision", "fp32"]
+FAST = ["--max_steps", "6", "--eval_steps", "3", "--save_steps", "3", *COMMON]
 
 
 def run_train(*args: str) -> str:
@@ -39,7 +40,7 @@ def test_train_tracks_everything_and_logs_a_self_contained_model(request, tmp_pa
     assert run.data.tags["mode"] == mode and run.data.tags["seed"] == "0"
     params = run.data.params
     assert params["run.mode"] == mode and params["model.base_model"] == str(base_copy)
-    assert params["training.learning_rate"] == lr and params["data.label_names"] == '["0", "1"]'
+    assert float(params["training.learning_rate"]) == float(lr) and params["data.label_names"] == '["0", "1"]'
     assert all(len(value) <= 500 for value in params.values())
     losses = client.get_metric_history(run_id, "train/loss")
     assert len({m.step for m in losses}) >= 5
@@ -74,15 +75,16 @@ def test_train_tracks_everything_and_logs_a_self_contained_model(request, tmp_pa
 
 def test_tiny_llama_learns_the_easy_task(mlflow_store, tiny_dataset, tiny_llama):
     run_id = run_train("--data_path", str(tiny_dataset), "--mode", "full", "--base_model", tiny_llama,
-                       "--learning_rate", "3e-3", *FAST[:1], "30", *FAST[2:6], "6", *FAST[6:], "--register", "false")
+                       "--learning_rate", "3e-3", "--max_steps", "30", "--eval_steps", "6", "--save_steps", "6",
+                       *COMMON, "--register", "false")
     metrics = MlflowClient().get_run(run_id).data.metrics
     assert metrics["test/accuracy"] >= 0.9, metrics
 
 
 def test_best_checkpoint_is_selected_and_survives_the_limit(mlflow_store, tiny_dataset, tiny_llama):
     run_id = run_train("--data_path", str(tiny_dataset), "--mode", "lora", "--base_model", tiny_llama,
-                       "--learning_rate", "5e-3", *FAST[:4], "2", "--save_steps", "2", *FAST[6:],
-                       "--save_total_limit", "1", "--register", "false")
+                       "--learning_rate", "5e-3", "--max_steps", "8", "--eval_steps", "2", "--save_steps", "2",
+                       *COMMON, "--save_total_limit", "1", "--register", "false")
     client = MlflowClient()
     history = {m.step: m.value for m in client.get_metric_history(run_id, "eval/f1_macro")}
     best = client.get_run(run_id).data.metrics["best/f1_macro"]
