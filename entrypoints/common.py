@@ -14,20 +14,21 @@ import click
 from textclf.errors import TextclfError, TrainingInterrupted
 
 # (option, click type, help). Names match the MLproject parameters exactly; empty means "preset".
+# Choices are checked by textclf.config.validate, which says what is wrong in one line.
 TRAINING_OPTIONS: list[tuple[str, Any, str]] = [
     ("dataset", str, "shipped dataset: sst2 or r8"),
     ("data_path", str, "folder with train/dev/test files (json, jsonl, parquet, csv); overrides dataset"),
-    ("mode", click.Choice(["full", "lora"]), "full fine-tuning or LoRA"),
-    ("seed", int, "training seed (0, 42 and 123 are the sweep's defaults)"),
+    ("mode", str, "full or lora"),
+    ("seed", str, "training seed, an integer (0, 42 and 123 are the sweep's defaults)"),
     ("max_samples", int, "cap on training rows"),
     ("max_eval_samples", int, "cap on validation rows (logged)"),
     ("max_test_samples", int, "cap on test rows (logged)"),
     ("max_length", int, "max tokens per prompt; the text is cut, never the template"),
     ("prompt_template", str, "prompt with {text} and {class_labels}"),
     ("base_model", str, "local Hugging Face folder or hub id"),
-    ("head", click.Choice(["mlp", "linear"]), "classification head"),
+    ("head", str, "classification head: mlp or linear"),
     ("head_dropout", float, "dropout in the head"),
-    ("pooling", click.Choice(["auto", "last", "mean"]), "auto: last token (decoders), mean (encoders)"),
+    ("pooling", str, "auto, last or mean; auto: last token (decoders), mean (encoders)"),
     ("calibration_samples", int, "train rows that standardize the head's input features (0: off)"),
     ("lora_r", int, "LoRA rank"),
     ("lora_alpha", int, "LoRA alpha"),
@@ -43,13 +44,13 @@ TRAINING_OPTIONS: list[tuple[str, Any, str]] = [
     ("save_steps", int, "checkpoint every N steps (a multiple of eval_steps)"),
     ("logging_steps", int, "log train metrics every N steps"),
     ("save_total_limit", int, "checkpoints kept (the best one always survives)"),
-    ("metric_for_best", click.Choice(["f1_macro", "accuracy", "precision_macro", "recall_macro", "loss"]),
-     "validation metric that selects the best checkpoint"),
+    ("metric_for_best", str, "validation metric that selects the best checkpoint: f1_macro, accuracy, "
+     "precision_macro, recall_macro or loss"),
     ("weight_decay", float, "AdamW weight decay"),
     ("warmup_ratio", float, "fraction of steps for learning-rate warmup"),
     ("gradient_accumulation_steps", int, "micro-batches per optimizer step"),
     ("gradient_checkpointing", click.BOOL, "recompute activations to save memory"),
-    ("precision", click.Choice(["auto", "fp32", "bf16", "fp16"]), "auto: bf16 where supported"),
+    ("precision", str, "auto, fp32, bf16 or fp16; auto: bf16 where fast, else fp32"),
     ("group_by_length", click.BOOL, "batch rows of similar length together"),
     ("output_dir", str, "checkpoints and the final model go to <output_dir>/<run_name>/"),
     ("run_name", str, "default <dataset>-<mode>-seed<seed>"),

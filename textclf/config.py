@@ -22,6 +22,7 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 HEADS = ("mlp", "linear")
 POOLINGS = ("auto", "last", "mean")
 DEFAULT_SEEDS = (0, 42, 123)
+BEST_METRICS = ("f1_macro", "accuracy", "precision_macro", "recall_macro", "loss")
 
 DEFAULT_PROMPT_TEMPLATE = (
     'Please carefully read the following reference text:"{text}", and determine which of the '
@@ -140,6 +141,8 @@ def build_config(mode: str = "lora", **overrides: Any) -> RunConfig:
     if mode not in MODES:
         raise TextclfError(f"invalid mode {mode!r}: choose one of {', '.join(MODES)}")
     values = {**MODE_PRESETS[mode], **{k: v for k, v in overrides.items() if v is not None}}
+    if "seed" in values:
+        values["seed"] = parse_seed(values["seed"])
     sections: dict[type, dict[str, Any]] = {DataConfig: {}, ModelConfig: {}, TrainingConfig: {}}
     top: dict[str, Any] = {"mode": mode}
     top_fields = {f.name for f in dataclasses.fields(RunConfig)} - {"data", "model", "training"}
@@ -159,6 +162,17 @@ def build_config(mode: str = "lora", **overrides: Any) -> RunConfig:
     )
     validate(config)
     return config
+
+
+def parse_seed(value: Any) -> int:
+    """An integer seed from an int or a string such as "42" (MLproject passes strings)."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise TextclfError(f"invalid seed {value!r}: use an integer in [0, 2**32)") from None
+    if not number.is_integer():
+        raise TextclfError(f"invalid seed {value!r}: use an integer in [0, 2**32)")
+    return int(number)
 
 
 def validate(config: RunConfig) -> None:
@@ -184,6 +198,8 @@ def validate(config: RunConfig) -> None:
         raise TextclfError(f"invalid head {model.head!r}: choose one of {', '.join(HEADS)}")
     if model.pooling not in POOLINGS:
         raise TextclfError(f"invalid pooling {model.pooling!r}: choose one of {', '.join(POOLINGS)}")
+    if training.metric_for_best not in BEST_METRICS:
+        raise TextclfError(f"invalid metric_for_best {training.metric_for_best!r}: choose one of {', '.join(BEST_METRICS)}")
     if training.precision not in PRECISIONS:
         raise TextclfError(f"invalid precision {training.precision!r}: choose one of {', '.join(PRECISIONS)}")
     for name in ("batch_size", "eval_batch_size", "eval_steps", "save_steps", "logging_steps",

@@ -77,6 +77,27 @@ def tracked_run(experiment_name: str, run_name: str, tags: dict[str, str]) -> It
         mlflow.end_run("FINISHED")
 
 
+def end_stale_runs(experiment_name: str, output_dir: str) -> list[str]:
+    """Mark KILLED the runs still RUNNING for ``output_dir``: their process died without a word
+    (``kill -9``, a lost machine). Called before resuming from that folder. Returns their ids."""
+    if not is_main_process():
+        return []
+    experiment = mlflow.get_experiment_by_name(experiment_name)
+    if experiment is None:
+        return []
+    stale = mlflow.search_runs(
+        [experiment.experiment_id], output_format="list",
+        filter_string=f"tags.output_dir = '{output_dir}' and attributes.status = 'RUNNING'",
+    )
+    client = mlflow.MlflowClient()
+    for run in stale:
+        if run.info.run_id == os.environ.get("MLFLOW_RUN_ID"):
+            continue
+        client.set_tag(run.info.run_id, "error", "process died without ending the run; ended when resuming")
+        client.set_terminated(run.info.run_id, "KILLED")
+    return [run.info.run_id for run in stale]
+
+
 def _end_with_error(status: str, exc: BaseException) -> None:
     message = str(exc) or type(exc).__name__
     with contextlib.suppress(Exception):

@@ -143,7 +143,11 @@ def run_training(config: RunConfig, deepspeed: dict | None = None, extra_tags: d
     output_dir = config.run_output_dir
     resume_from = checkpoints.prepare_output_dir(output_dir, resume=config.resume)
     tags = {"dataset": config.dataset_name, "mode": config.mode, "seed": str(config.seed),
-            "base_model": config.model.base_model, **(extra_tags or {})}
+            "base_model": config.model.base_model, "output_dir": str(output_dir.resolve()), **(extra_tags or {})}
+    if resume_from:
+        stale = tracking.end_stale_runs(config.experiment_name, tags["output_dir"])
+        if stale:
+            tags["resumes_runs"] = ",".join(stale)
     with tracked_run_for(config, tags) as run:
         if run is not None:
             _log_run_inputs(config, splits, precision, resume_from)

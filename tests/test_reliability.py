@@ -1,0 +1,232 @@
+"""No run left RUNNING, no checkpoint lost, every bad input refused with one clear line."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+from click.testing import CliRunner
+from mlflow import MlflowClient
+
+from conftest import REPO, sentiment_rows, write_jsonl
+from entrypoints.train import train
+from test_mlproject import mlflow_env
+
+TINY = ["--logging_steps", "1", "--batch_size", "8", "--eval_batch_size", "16", "--max_length", "128",
+        "--precision", "fp32", "--register", "false"]
+
+
+def statuses() -> list[str]:
+    return [r.info.status for r in mlflow.search_runs(search_all_experiments=True, output_format="list")]
+
+
+def invoke(*args):
+    return CliRunner().invoke(train, list(args))
+
+
+def test_exception_in_training_ends_run_failed_with_error(mlflow_store, tiny_dataset, tiny_llama, monkeypatch):
+    from transformers import Trainer
+
+    def explode(self, *args, **kwargs):
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(Trainer, "train", explode)
+    result = invoke("--data_path", str(tiny_dataset), "--base_model", tiny_llama, "--max_steps", "2", *TINY)
+    assert result.exit_code != 0
+    run = mlflow.search_runs(search_all_experiments=True, output_format="list")[0]
+    assert run.info.status == "FAILED"
+    assert "disk on fire" in run.data.tags["error"]
+
+
+def test_nan_loss_stops_the_run_failed_naming_the_step(mlflow_store, tiny_dataset, tiny_llama, monkeypatch):
+    from textclf.model import TextClassifier
+
+    forward = TextClassifier.forward
+
+    @functools.wraps(forward)  # the Trainer reads the forward signature to pick dataset columns
+    def poisoned(self, *args, **kwargs):
+        output = forward(self, *args, **kwargs)
+        if self.training and self.counters["samples"] > 16:  # from step 3 on
+            output.loss = output.loss * float("nan")
+        return output
+
+    monkeypatch.setattr(TextClassifier, "forward", poisoned)
+    result = invoke("--data_path", str(tiny_dataset), "--base_model", tiny_llama, "--max_steps", "6",
+                    "--eval_steps", "6", "--save_steps", "6", *TINY)
+    assert result.exit_code == 2
+    assert "training loss is nan at step 3" in result.output
+    run = mlflow.search_runs(search_all_experiments=True, output_format="list")[0]
+    assert run.info.status == "FAILED" and "step 3" in run.data.tags["error"]
+
+
+def _bad_data(tmp_path, case):
+    folder = tmp_path / "bad"
+    good = sentiment_rows(12)
+    files = {
+        "missing_data_folder": None,
+        "no_train_split": {"test.jsonl": good},
+        "unknown_file_format": {"train.xml": "<rows/>"},
+        "corrupt_json_line": {"train.jsonl": "\n".join([json.dumps(good[0]), "{oops", json.dumps(good[1])])},
+        "corrupt_parquet": {"train.parquet": "PAR1 garbage"},
+        "missing_text_column": {"train.jsonl": [{"review_body": "x", "label": 0}]},
+        "empty_texts": {"train.jsonl": [{"text": "", "label": 0}, {"text": "b", "label": 1}]},
+        "single_class_train": {"train.jsonl": [{"text": f"t{i}", "label": "a"} for i in range(6)]},
+        "empty_file": {"train.jsonl": ""},
+        "different_label_sets": {"train.jsonl": [{"text": f"t{i}", "label": "ab"[i % 2]} for i in range(8)],
+                                 "dev.jsonl": [{"text": "x", "label": "c"}]},
+    }[case]
+    if files is None:
+        return tmp_path / "missing"
+    folder.mkdir()
+    for name, content in files.items():
+        text = content if isinstance(content, str) else "".join(json.dumps(r) + "\n" for r in content)
+        (folder / name).write_text(text)
+    return folder
+
+
+DATA_CASES = {
+    "missing_data_folder": "data folder does not exist",
+    "no_train_split": "no train split",
+    "unknown_file_format": "unsupported file format (train.xml)",
+    "corrupt_json_line": "invalid JSON on line 2",
+    "corrupt_parquet": "not a valid Parquet file",
+    "missing_text_column": "found review_body, label",
+    "empty_texts": "empty or non-string text",
+    "single_class_train": "single class",
+    "empty_file": "file is empty",
+    "different_label_sets": "labels not present in the train split: c",
+}
+
+
+def assert_clean_refusal(result, expected):
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and expected in lines[0], result.output
+    assert "Traceback" not in result.output
+    assert "RUNNING" not in statuses()
+
+
+@pytest.mark.parametrize("case", DATA_CASES)
+def test_bad_data_refused_before_any_run(tmp_path, mlflow_store, tiny_llama, case):
+    path = _bad_data(tmp_path, case)
+    result = invoke("--data_path", str(path), "--base_model", tiny_llama, *TINY)
+    assert_clean_refusal(result, DATA_CASES[case])
+    assert str(path) in result.output
+    assert statuses() == []  # bad data stops before a run is created
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--mode", "qlora"], "invalid mode 'qlora'"),
+    (["--precision", "fp8"], "invalid precision 'fp8'"),
+    (["--precision", "fp16"], "fp16 needs a CUDA GPU"),
+    (["--seed", "forty-two"], "invalid seed 'forty-two'"),
+    (["--seed", "-1"], "invalid seed -1"),
+    (["--max_samples", "0"], "max_samples must be a positive integer"),
+    (["--base_model", "/nonexistent/model"], "base model folder does not exist"),
+    (["--lora_targets", "q_proj,wqkv"], "LoRA targets absent from the model: wqkv"),
+    (["--output_dir", "/proc/version/outputs"], "output folder cannot be written"),
+    (["--save_steps", "5", "--eval_steps", "2"], "must be a multiple of eval_steps"),
+])
+def test_bad_parameters_refused_clearly(mlflow_store, tiny_dataset, tiny_llama, args, expected):
+    defaults = {"--base_model": tiny_llama}
+    for flag, value in zip(args[::2], args[1::2]):
+        defaults[flag] = value
+    flat = [item for pair in defaults.items() for item in pair]
+    result = invoke("--data_path", str(tiny_dataset), "--max_steps", "2", *TINY, *flat)
+    assert_clean_refusal(result, expected)
+
+
+def test_base_model_folder_that_is_not_a_model(tmp_path, mlflow_store, tiny_dataset):
+    (tmp_path / "empty-model").mkdir()
+    result = invoke("--data_path", str(tiny_dataset), "--base_model", str(tmp_path / "empty-model"), *TINY)
+    assert_clean_refusal(result, "not a Hugging Face model folder")
+
+
+def test_debug_shows_the_traceback(mlflow_store, tiny_dataset):
+    result = invoke("--data_path", str(tiny_dataset), "--mode", "qlora", "--debug")
+    assert result.exit_code != 0 and result.exception is not None
+
+
+def test_existing_checkpoints_are_not_overwritten_without_resume(mlflow_store, tiny_dataset, tiny_llama):
+    args = ["--data_path", str(tiny_dataset), "--base_model", tiny_llama, "--max_steps", "2", "--eval_steps", "2",
+            "--save_steps", "2", *TINY]
+    assert invoke(*args).exit_code == 0
+    checkpoint = Path("outputs/tinysent-lora-seed42/checkpoint-2/model.safetensors")
+    before = checkpoint.stat().st_mtime_ns
+    result = invoke(*args, "--resume", "false")
+    assert_clean_refusal(result, "already holds checkpoints (checkpoint-2)")
+    assert checkpoint.stat().st_mtime_ns == before
+
+
+def _train_process(tmp_path, tiny_dataset, tiny_llama, output_dir, max_steps="12"):
+    command = [sys.executable, "-m", "entrypoints.train", "--data_path", str(tiny_dataset), "--base_model", tiny_llama,
+               "--mode", "lora", "--learning_rate", "5e-3", "--max_steps", max_steps, "--eval_steps", "2",
+               "--save_steps", "4", "--output_dir", str(output_dir), "--run_name", "resumable", *TINY]
+    env = mlflow_env(os.environ["MLFLOW_TRACKING_URI"])
+    env["PYTHONPATH"] = str(REPO)
+    return subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _wait_for(path: Path, process, timeout=240):
+    deadline = time.time() + timeout
+    while not path.exists():
+        assert process.poll() is None, process.stdout.read()[-3000:]
+        assert time.time() < deadline, f"{path} never appeared"
+        time.sleep(0.2)
+
+
+@pytest.mark.slow
+def test_sigterm_ends_run_killed_with_last_checkpoint_intact(tmp_path, mlflow_store, tiny_dataset, tiny_llama):
+    process = _train_process(tmp_path, tiny_dataset, tiny_llama, tmp_path / "out", max_steps="400")
+    _wait_for(tmp_path / "out/resumable/checkpoint-4/COMPLETE", process)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=120) == 130
+    run = mlflow.search_runs(search_all_experiments=True, output_format="list")[0]
+    assert run.info.status == "KILLED"
+    assert (tmp_path / "out/resumable/checkpoint-4/model.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_resume_after_kill_9_reaches_the_uninterrupted_result(tmp_path, mlflow_store, tiny_dataset, tiny_llama):
+    straight = _train_process(tmp_path, tiny_dataset, tiny_llama, tmp_path / "straight")
+    assert straight.wait(timeout=600) == 0, straight.stdout.read()[-3000:]
+
+    killed = _train_process(tmp_path, tiny_dataset, tiny_llama, tmp_path / "resumed")
+    _wait_for(tmp_path / "resumed/resumable/checkpoint-8/COMPLETE", killed)
+    killed.kill()
+    killed.wait()
+    # a half-written checkpoint must never be resumed from
+    half = tmp_path / "resumed/resumable/checkpoint-12"
+    half.mkdir(exist_ok=True)
+    (half / "model.safetensors").write_text("truncated")
+    resumed = _train_process(tmp_path, tiny_dataset, tiny_llama, tmp_path / "resumed")
+    assert resumed.wait(timeout=600) == 0, resumed.stdout.read()[-3000:]
+    assert (tmp_path / "resumed/resumable/incomplete-checkpoint-12").exists()
+
+    runs = {r.info.run_id: r for r in mlflow.search_runs(search_all_experiments=True, output_format="list")}
+    assert "RUNNING" not in [r.info.status for r in runs.values()]
+    finished = [r for r in runs.values() if r.info.status == "FINISHED"]
+    assert len(finished) == 2
+    by_dir = {Path(r.data.tags["output_dir"]).parent.name: r for r in finished}
+    resumed_run = by_dir["resumed"]
+    assert resumed_run.data.tags["resumed_from"].endswith("checkpoint-8")
+    assert runs[resumed_run.data.tags["resumes_runs"]].info.status == "KILLED"
+    for metric in ("test/accuracy", "test/f1_macro", "best/f1_macro"):
+        assert resumed_run.data.metrics[metric] == pytest.approx(by_dir["straight"].data.metrics[metric], abs=1e-6)
+
+
+@pytest.mark.slow
+def test_two_trainings_at_once_into_one_store(tmp_path, mlflow_store, tiny_dataset, tiny_llama):
+    first = _train_process(tmp_path, tiny_dataset, tiny_llama, tmp_path / "a", max_steps="4")
+    second = _train_process(tmp_path, tiny_dataset, tiny_llama, tmp_path / "b", max_steps="4")
+    assert first.wait(timeout=600) == 0, first.stdout.read()[-3000:]
+    assert second.wait(timeout=600) == 0, second.stdout.read()[-3000:]
+    assert sorted(statuses()) == ["FINISHED", "FINISHED"]
