@@ -60,8 +60,9 @@ def tracked_run(experiment_name: str, run_name: str, tags: dict[str, str]) -> It
         with interrupts_raise():
             yield None
         return
-    if not os.environ.get("MLFLOW_RUN_ID"):
-        mlflow.set_experiment(experiment_name)
+    with store_lock():
+        if not os.environ.get("MLFLOW_RUN_ID"):
+            mlflow.set_experiment(experiment_name)
     run = mlflow.start_run(run_name=None if os.environ.get("MLFLOW_RUN_ID") else run_name)
     mlflow.set_tags({**tags, "mlflow.runName": run_name} if not os.environ.get("MLFLOW_RUN_ID") else tags)
     try:
@@ -96,6 +97,21 @@ def end_stale_runs(experiment_name: str, output_dir: str) -> list[str]:
         client.set_tag(run.info.run_id, "error", "process died without ending the run; ended when resuming")
         client.set_terminated(run.info.run_id, "KILLED")
     return [run.info.run_id for run in stale]
+
+
+@contextlib.contextmanager
+def store_lock() -> Iterator[None]:
+    """Serialize first contact with a local sqlite store: two processes creating (migrating) the same
+    new database, or the same experiment, at once fail in MLflow 3.17."""
+    uri = mlflow.get_tracking_uri()
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    from filelock import FileLock
+
+    with FileLock(uri[len("sqlite:///"):] + ".lock", timeout=300):
+        mlflow.MlflowClient().search_experiments(max_results=1)  # creates and migrates the database
+        yield
 
 
 def _end_with_error(status: str, exc: BaseException) -> None:
