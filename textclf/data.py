@@ -151,7 +151,7 @@ def _read_parquet(path: Path) -> tuple[pd.DataFrame, dict[str, list[str]]]:
     return table.to_pandas(), names
 
 
-def _pick_column(frame: pd.DataFrame, candidates: tuple[str, ...], what: str, path: Path) -> str:
+def pick_column(frame: pd.DataFrame, candidates: tuple[str, ...], what: str, path: Path) -> str:
     by_lower = {str(c).lower(): c for c in frame.columns}
     for candidate in candidates:
         if candidate in by_lower:
@@ -168,8 +168,8 @@ def load_split(paths: list[Path]) -> tuple[pd.DataFrame, dict[str, list[str]]]:
         frame, names = read_table(path)
         if frame.empty:
             raise TextclfError(f"{path}: file has no rows")
-        text_col = _pick_column(frame, TEXT_COLUMNS, "text", path)
-        label_col = _pick_column(frame, LABEL_COLUMNS, "label", path)
+        text_col = pick_column(frame, TEXT_COLUMNS, "text", path)
+        label_col = pick_column(frame, LABEL_COLUMNS, "label", path)
         texts = frame[text_col]
         bad = texts.isna() | ~texts.map(lambda t: isinstance(t, str)) | (texts.astype(str).str.strip() == "")
         if bad.any():

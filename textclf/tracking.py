@@ -50,21 +50,25 @@ def interrupts_raise() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def tracked_run(experiment_name: str, run_name: str, tags: dict[str, str]) -> Iterator[mlflow.ActiveRun | None]:
+def tracked_run(
+    experiment_name: str, run_name: str, tags: dict[str, str], nested: bool = False
+) -> Iterator[mlflow.ActiveRun | None]:
     """Start (or attach to, under ``mlflow run``) the run; end it FINISHED, FAILED or KILLED.
 
-    An exception ends the run FAILED with the error as tag ``error``; SIGINT/SIGTERM ends it KILLED.
-    The exception is re-raised. On ranks other than 0, yields None and logs nothing.
+    ``nested`` starts a child of the active run (a sweep's seed). An exception ends the run FAILED
+    with the error as tag ``error``; SIGINT/SIGTERM ends it KILLED. The exception is re-raised.
+    On ranks other than 0, yields None and logs nothing.
     """
     if not is_main_process():
         with interrupts_raise():
             yield None
         return
+    attach = bool(os.environ.get("MLFLOW_RUN_ID")) and not nested  # the run `mlflow run` created
     with store_lock():
-        if not os.environ.get("MLFLOW_RUN_ID"):
+        if not attach and not nested:
             mlflow.set_experiment(experiment_name)
-    run = mlflow.start_run(run_name=None if os.environ.get("MLFLOW_RUN_ID") else run_name)
-    mlflow.set_tags({**tags, "mlflow.runName": run_name} if not os.environ.get("MLFLOW_RUN_ID") else tags)
+    run = mlflow.start_run(run_name=None if attach else run_name, nested=nested)
+    mlflow.set_tags(tags if attach else {**tags, "mlflow.runName": run_name})
     try:
         with interrupts_raise():
             yield run
@@ -199,13 +203,20 @@ class MlflowTrainingCallback(TrainerCallback):
 
 def log_model(model_dir: Path, label_names: list[str], example_texts: list[str]) -> str:
     """Log the saved model folder as the pyfunc model ``model``; return its model URI."""
-    from mlflow.models import infer_signature
+    from mlflow.models import ModelSignature, infer_signature
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
-    from textclf.serving import TextClassifierPyfunc, output_frame
+    from textclf.serving import DEFAULT_BATCH_SIZE, TextClassifierPyfunc, output_frame
 
     example = pd.DataFrame({"text": example_texts[:3]})
     fake_probs = np.full((len(example), len(label_names)), 1.0 / len(label_names))
-    signature = infer_signature(example, output_frame(fake_probs, label_names))
+    # One unnamed string column: MLflow then accepts a DataFrame with `text`, a list of strings and a
+    # Series alike (a named `text` column would refuse the list and the Series).
+    signature = ModelSignature(
+        inputs=Schema([ColSpec("string")]),
+        outputs=infer_signature(example, output_frame(fake_probs, label_names)).outputs,
+        params=ParamSchema([ParamSpec("batch_size", "long", DEFAULT_BATCH_SIZE)]),
+    )
     info = mlflow.pyfunc.log_model(
         name="model",
         python_model=TextClassifierPyfunc(),

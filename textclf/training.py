@@ -132,7 +132,9 @@ def make_compute_metrics(num_labels: int, label_names: list[str], evaluation_sta
     return compute_metrics
 
 
-def run_training(config: RunConfig, deepspeed: dict | None = None, extra_tags: dict[str, str] | None = None) -> TrainingResult:
+def run_training(
+    config: RunConfig, deepspeed: dict | None = None, extra_tags: dict[str, str] | None = None, nested: bool = False
+) -> TrainingResult:
     """Train, select the best checkpoint, test it, and record everything in one MLflow run.
 
     Raises TextclfError on bad input (before any run is started when the data is bad); the run
@@ -148,7 +150,7 @@ def run_training(config: RunConfig, deepspeed: dict | None = None, extra_tags: d
         stale = tracking.end_stale_runs(config.experiment_name, tags["output_dir"])
         if stale:
             tags["resumes_runs"] = ",".join(stale)
-    with tracked_run_for(config, tags) as run:
+    with tracking.tracked_run(config.experiment_name, config.default_run_name, tags, nested=nested) as run:
         if run is not None:
             _log_run_inputs(config, splits, precision, resume_from)
         set_seed(config.seed)  # before the head is built: its initial weights come from the RNG
@@ -203,10 +205,6 @@ def calibrate_head(model, encoder: PromptEncoder, texts, count: int, seed: int) 
                for indices in batches_by_length(encoded.lengths, 16))
     rows = model.calibrate(batches)
     log.info("head input standardized on %d training rows", rows)
-
-
-def tracked_run_for(config: RunConfig, tags: dict[str, str]):
-    return tracking.tracked_run(config.experiment_name, config.default_run_name, tags)
 
 
 def _log_run_inputs(config: RunConfig, splits: LabeledSplits, precision: str, resume_from: Path | None) -> None:

@@ -1,0 +1,28 @@
+"""`promote` entry point: alias `champion` (and stage Production) for the best seed by validation metric."""
+
+from __future__ import annotations
+
+import click
+
+from entrypoints.common import debug_option, setup_logging, user_errors
+
+
+@click.command(name="promote")
+@click.option("--dataset", required=True, help="promote among the versions of textclf-<dataset>")
+@click.option("--metric", default="f1_macro", help="validation metric to rank by (never a test metric)")
+@click.option("--no-stage", "no_stage", is_flag=True, help="set the alias only, leave registry stages alone")
+@click.option("--stage", type=click.BOOL, default=True, help="false: same as --no-stage (for MLproject's -P stage=false)")
+@debug_option
+def promote(dataset: str, metric: str, no_stage: bool, stage: bool, debug: bool) -> None:
+    """Point alias `champion` at the registered version with the best validation METRIC."""
+    setup_logging()
+    with user_errors(debug):
+        from textclf.registry import promote as promote_best
+
+        result = promote_best(dataset, metric=metric, use_stage=stage and not no_stage)
+        state = "now champion" if result.changed else "already champion (nothing changed)"
+        click.echo(f"{result.name} version {result.version} is {state}: {result.reason}")
+
+
+if __name__ == "__main__":
+    promote()

@@ -1,0 +1,32 @@
+"""`sweep` entry point: the same training once per seed, as nested runs of one parent run."""
+
+from __future__ import annotations
+
+import click
+
+from entrypoints.common import debug_option, setup_logging, training_options, user_errors
+
+
+@click.command(name="sweep")
+@click.option("--seeds", default="", help="comma-separated seeds (default 0,42,123)")
+@training_options
+@debug_option
+def sweep(seeds: str, debug: bool, **params) -> None:
+    """Train once per seed; the parent run aggregates validation and test metrics across seeds."""
+    setup_logging()
+    with user_errors(debug):
+        from textclf.config import build_config
+        from textclf.sweep import parse_seeds, run_sweep
+
+        params.pop("seed", None)
+        seed_list = parse_seeds(seeds)
+        config = build_config(mode=params.pop("mode") or "lora", seed=seed_list[0], **params)
+        result = run_sweep(config, seed_list)
+        click.echo(f"parent run {result.parent_run_id}")
+        click.echo(result.table.to_string(index=False))
+        if result.failed:
+            click.echo(f"failed seeds: {', '.join(map(str, result.failed))}", err=True)
+
+
+if __name__ == "__main__":
+    sweep()
