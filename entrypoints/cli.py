@@ -9,6 +9,7 @@ from entrypoints.predict import predict
 from entrypoints.promote import promote
 from entrypoints.sweep import sweep
 from entrypoints.train import train
+from entrypoints.train_deepspeed import train_deepspeed
 
 
 @click.group()
@@ -21,6 +22,7 @@ main.add_command(evaluate)
 main.add_command(sweep)
 main.add_command(promote)
 main.add_command(predict)
+main.add_command(train_deepspeed)
 
 if __name__ == "__main__":
     main()

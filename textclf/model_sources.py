@@ -3,6 +3,7 @@
 - ``models:/name@alias``, ``models:/name/3``, ``runs:/<id>/model``: an MLflow pyfunc model
 - a folder written by ``save_classifier`` (``textclf.json`` + ``backbone/``)
 - a Trainer checkpoint (``checkpoint-N`` with ``model.safetensors`` + ``textclf.json``)
+- a DeepSpeed checkpoint (a ``global_stepN`` folder, or its parent holding ``latest``), consolidated here
 """
 
 from __future__ import annotations
@@ -41,7 +42,25 @@ def load_model_source(reference: str) -> LoadedModel:
     if (path / SPEC_FILE).exists() and (path / "model.safetensors").exists():
         model, tokenizer = rebuild_from_state(path, path / "model.safetensors")
         return LoadedModel(model, tokenizer, "Trainer checkpoint")
+    deepspeed_dir = path if (path / "latest").exists() else (path.parent if path.name.startswith("global_step") else None)
+    if deepspeed_dir is not None and (deepspeed_dir / SPEC_FILE).exists():
+        return _load_deepspeed_checkpoint(deepspeed_dir, path.name if path is not deepspeed_dir else None)
     raise TextclfError(
         f"{reference}: not a textclf model (expected a models:/ or runs:/ URI, a saved model folder with "
         f"{SPEC_FILE} and {BACKBONE_DIR}/, or a checkpoint folder with {SPEC_FILE} and model.safetensors)"
     )
+
+
+def _load_deepspeed_checkpoint(folder: Path, tag: str | None) -> LoadedModel:
+    """Consolidate ZeRO shards to fp32 with DeepSpeed's own tool, then load them into the model."""
+    import tempfile
+
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from safetensors.torch import save_file
+
+    state = get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=tag)
+    with tempfile.TemporaryDirectory() as tmp:
+        state_file = Path(tmp) / "model.safetensors"
+        save_file({k: v.contiguous() for k, v in state.items()}, str(state_file))
+        model, tokenizer = rebuild_from_state(folder, state_file)
+    return LoadedModel(model, tokenizer, f"DeepSpeed checkpoint ({tag or 'latest'}), consolidated to fp32")

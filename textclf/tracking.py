@@ -34,12 +34,41 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+class _Interrupts:
+    """While ``deferred`` (inside the training loop), a signal is only recorded and raised by the
+    callback between steps: raised from inside library code it could be caught and re-wrapped.
+    A second signal raises at once."""
+
+    deferred = False
+    requested: str | None = None
+
+
+def raise_if_interrupted() -> None:
+    if _Interrupts.requested:
+        name, _Interrupts.requested = _Interrupts.requested, None
+        raise TrainingInterrupted(name)
+
+
+@contextlib.contextmanager
+def deferred_interrupts() -> Iterator[None]:
+    _Interrupts.deferred = True
+    try:
+        yield
+    finally:
+        _Interrupts.deferred = False
+    raise_if_interrupted()
+
+
 @contextlib.contextmanager
 def interrupts_raise() -> Iterator[None]:
     """Turn SIGTERM and SIGINT into :class:`TrainingInterrupted`, so cleanup code runs."""
 
     def handler(signum, _frame):
-        raise TrainingInterrupted(signal.Signals(signum).name)
+        name = signal.Signals(signum).name
+        if _Interrupts.deferred and not _Interrupts.requested:
+            _Interrupts.requested = name
+            return
+        raise TrainingInterrupted(name)
 
     previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
@@ -82,24 +111,25 @@ def tracked_run(
         mlflow.end_run("FINISHED")
 
 
-def end_stale_runs(experiment_name: str, output_dir: str) -> list[str]:
-    """Mark KILLED the runs still RUNNING for ``output_dir``: their process died without a word
-    (``kill -9``, a lost machine). Called before resuming from that folder. Returns their ids."""
+def end_stale_runs(
+    experiment_name: str, output_dir: str, status: str = "KILLED", statuses: tuple[str, ...] = ("RUNNING",),
+    since_ms: int = 0, message: str = "process died without ending the run; ended when resuming",
+) -> list[str]:
+    """End the runs for ``output_dir`` whose process can no longer end them: still RUNNING after
+    ``kill -9``, or ended by a rank that was stopped because another rank failed. Returns their ids."""
     if not is_main_process():
         return []
     experiment = mlflow.get_experiment_by_name(experiment_name)
     if experiment is None:
         return []
-    stale = mlflow.search_runs(
-        [experiment.experiment_id], output_format="list",
-        filter_string=f"tags.output_dir = '{output_dir}' and attributes.status = 'RUNNING'",
-    )
+    wanted = " or ".join(f"attributes.status = '{s}'" for s in statuses)
+    runs = mlflow.search_runs([experiment.experiment_id], output_format="list",
+                              filter_string=f"tags.output_dir = '{output_dir}' and attributes.start_time >= {since_ms}")
+    stale = [run for run in runs if run.info.status in statuses and run.info.run_id != os.environ.get("MLFLOW_RUN_ID")]
     client = mlflow.MlflowClient()
     for run in stale:
-        if run.info.run_id == os.environ.get("MLFLOW_RUN_ID"):
-            continue
-        client.set_tag(run.info.run_id, "error", "process died without ending the run; ended when resuming")
-        client.set_terminated(run.info.run_id, "KILLED")
+        client.set_tag(run.info.run_id, "error", message)
+        client.set_terminated(run.info.run_id, status)
     return [run.info.run_id for run in stale]
 
 
@@ -168,7 +198,11 @@ class MlflowTrainingCallback(TrainerCallback):
         self.eval_seconds = 0.0
         self.model.reset_counters()
 
+    def on_step_end(self, args, state, control, **kwargs):
+        raise_if_interrupted()
+
     def on_log(self, args, state, control, logs=None, **kwargs):
+        raise_if_interrupted()
         logs = logs or {}
         loss = logs.get("loss")
         if loss is not None and not math.isfinite(loss):

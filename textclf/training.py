@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -153,6 +154,11 @@ def run_training(
     with tracking.tracked_run(config.experiment_name, config.default_run_name, tags, nested=nested) as run:
         if run is not None:
             _log_run_inputs(config, splits, precision, resume_from)
+            if deepspeed is not None:
+                mlflow.log_dict(deepspeed, "deepspeed_config.json")
+                mlflow.log_param("deepspeed.world_size", os.environ.get("WORLD_SIZE", "1"))
+        # Arguments before the model: under ZeRO-3 they set up the DeepSpeed config that partitions weights as they load.
+        args = training_arguments(config, output_dir, precision, deepspeed)
         set_seed(config.seed)  # before the head is built: its initial weights come from the RNG
         model, tokenizer = build_classifier(
             config.model, config.mode, splits.label_names, config.data.prompt_template, config.data.max_length
@@ -169,7 +175,6 @@ def run_training(
         if config.training.gradient_checkpointing:
             model.gradient_checkpointing_enable()
         evaluation_state: dict[str, Any] = {}
-        args = training_arguments(config, output_dir, precision, deepspeed)
         trainer = Trainer(
             model=model,
             args=args,
@@ -180,9 +185,12 @@ def run_training(
             callbacks=[tracking.MlflowTrainingCallback(model, evaluation_state), CheckpointCallback(model.spec, tokenizer)],
             optimizers=(make_optimizer(model, config) if deepspeed is None else None, None),
         )
-        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        with tracking.deferred_interrupts():
+            trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
         best = _best_validation_metrics(trainer)
         tracking.log_metrics({f"best/{k}": v for k, v in best.items()})
+        if deepspeed is not None:
+            model = consolidate(trainer, model, tokenizer, output_dir / "consolidated")
         return _finish(config, trainer, model, tokenizer, splits, best, run, output_dir)
 
 
@@ -242,12 +250,41 @@ def _best_validation_metrics(trainer: Trainer) -> dict[str, float]:
     return best
 
 
+def consolidate(trainer: Trainer, model, tokenizer, folder: Path):
+    """Gather ZeRO-3 shards into one state dict (every rank must call this), and on rank 0 rebuild a
+    plain in-memory model from it. Raises TextclfError when the gathered weights are incomplete
+    (a ZeRO-3 save of a few hundred KB is a known failure)."""
+    from textclf.model import rebuild_from_state
+
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    trainer.save_model(str(folder))
+    # Training is over: without this, loading the base model below would start a ZeRO-3 partitioned
+    # load, a collective that rank 0 alone waits on forever.
+    unset_hf_deepspeed_config()
+    if not trainer.is_world_process_zero():
+        return None
+    model.spec.save(folder)
+    tokenizer.save_pretrained(str(folder))
+    rebuilt, _ = rebuild_from_state(folder, folder / "model.safetensors")
+    from safetensors import safe_open
+
+    with safe_open(str(folder / "model.safetensors"), "pt") as weights:
+        saved = sum(int(np.prod(weights.get_slice(key).get_shape())) for key in weights.keys())
+    expected = sum(p.numel() for p in rebuilt.state_dict().values())
+    if saved != expected:
+        raise TextclfError(f"{folder}: consolidated weights hold {saved} values, the model has {expected}")
+    log.info("consolidated %d parameters into %s", saved, folder)
+    return rebuilt
+
+
 def _finish(config, trainer, model, tokenizer, splits, best, run, output_dir: Path) -> TrainingResult:
-    """Save the selected model, test it, log it as the pyfunc model, and register it."""
+    """Save the selected model, test it, log it as the pyfunc model, and register it (rank 0 only)."""
     result = TrainingResult(run.info.run_id if run else None, output_dir / "model", best, {})
     if not trainer.is_world_process_zero():
         return result
-    model = trainer.model if not hasattr(trainer.model, "module") else trainer.model.module
+    if model is trainer.model or model is getattr(trainer.model, "module", None):
+        model = trainer.model if not hasattr(trainer.model, "module") else trainer.model.module
     model = model.float().eval()
     staging = output_dir / "model.partial"
     shutil.rmtree(staging, ignore_errors=True)

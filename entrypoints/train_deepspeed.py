@@ -1,0 +1,57 @@
+"""`train_deepspeed` entry point: the `train` recipe on several processes with DeepSpeed ZeRO-3."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import click
+
+from entrypoints.common import debug_option, setup_logging, training_options, user_errors
+
+
+@click.command(name="train_deepspeed")
+@click.option("--num_procs", type=float, default=2, help="processes (one per GPU; on CPU, 1 or 2 with gloo)")
+@click.option("--offload", default="none", help="none or cpu: offload optimizer state and parameters to CPU")
+@click.option("--deepspeed_config", default="", help="a DeepSpeed JSON file that replaces the built config")
+@click.option("--worker", is_flag=True, hidden=True, help="set by the launcher in each process")
+@training_options
+@debug_option
+def train_deepspeed(num_procs: float, offload: str, deepspeed_config: str, worker: bool, debug: bool, **params) -> None:
+    """Launch NUM_PROCS processes that train with ZeRO-3; rank 0 logs one MLflow run and the consolidated model."""
+    setup_logging()
+    with user_errors(debug):
+        from textclf import tracking
+        from textclf.config import build_config
+        from textclf.data import load_splits
+        from textclf.deepspeed import build_deepspeed_config, launch, teardown_process_group
+        from textclf.errors import TextclfError
+        from textclf.training import resolve_precision, run_training
+
+        mode = params.pop("mode") or "lora"
+        config = build_config(mode=mode, **params)
+        deepspeed = build_deepspeed_config(resolve_precision(config.training.precision), offload, deepspeed_config or None)
+        if worker:
+            run_training(config, deepspeed=deepspeed,
+                         extra_tags={"deepspeed": "zero3", "world_size": os.environ.get("WORLD_SIZE", "1"),
+                                     "offload": offload})
+            teardown_process_group()
+            return
+        load_splits(config.data)  # refuse bad data once, before any process starts
+        started_ms = int(time.time() * 1000)
+        forwarded = [f"--{name}={value}" for name, value in {**params, "mode": mode}.items() if value is not None]
+        forwarded += [f"--offload={offload}", f"--deepspeed_config={deepspeed_config}"] + (["--debug"] if debug else [])
+        code = launch(int(num_procs), forwarded)
+        if code != 0:
+            failed = tracking.end_stale_runs(
+                config.experiment_name, str(config.run_output_dir.resolve()), status="FAILED",
+                statuses=("RUNNING", "KILLED"), since_ms=started_ms,
+                message=f"a DeepSpeed process failed (launcher exit code {code})",
+            )
+            raise TextclfError(f"DeepSpeed training failed on at least one of {num_procs} processes (exit code {code})"
+                               + (f"; run {', '.join(failed)} marked FAILED" if failed else ""))
+        click.echo(f"DeepSpeed training finished on {int(num_procs)} processes")
+
+
+if __name__ == "__main__":
+    train_deepspeed()
