@@ -20,6 +20,7 @@ from entrypoints.common import debug_option, setup_logging, training_options, us
 def train_deepspeed(num_procs: float, offload: str, deepspeed_config: str, worker: bool, debug: bool, **params) -> None:
     """Launch NUM_PROCS processes that train with ZeRO-3; rank 0 logs one MLflow run and the consolidated model."""
     setup_logging()
+    num_procs = int(num_procs)  # MLproject passes numbers as floats
     with user_errors(debug):
         from textclf import tracking
         from textclf.config import build_config
@@ -41,7 +42,7 @@ def train_deepspeed(num_procs: float, offload: str, deepspeed_config: str, worke
         started_ms = int(time.time() * 1000)
         forwarded = [f"--{name}={value}" for name, value in {**params, "mode": mode}.items() if value is not None]
         forwarded += [f"--offload={offload}", f"--deepspeed_config={deepspeed_config}"] + (["--debug"] if debug else [])
-        code = launch(int(num_procs), forwarded)
+        code = launch(num_procs, forwarded)
         if code != 0:
             failed = tracking.end_stale_runs(
                 config.experiment_name, str(config.run_output_dir.resolve()), status="FAILED",
@@ -50,7 +51,7 @@ def train_deepspeed(num_procs: float, offload: str, deepspeed_config: str, worke
             )
             raise TextclfError(f"DeepSpeed training failed on at least one of {num_procs} processes (exit code {code})"
                                + (f"; run {', '.join(failed)} marked FAILED" if failed else ""))
-        click.echo(f"DeepSpeed training finished on {int(num_procs)} processes")
+        click.echo(f"DeepSpeed training finished on {num_procs} processes")
 
 
 if __name__ == "__main__":

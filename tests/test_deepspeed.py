@@ -1,0 +1,104 @@
+"""DeepSpeed ZeRO-3 on 2 CPU processes through the real entry point (gloo)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+from mlflow import MlflowClient
+
+from conftest import REPO
+from test_mlproject import mlflow_env
+
+pytestmark = pytest.mark.slow
+
+ARGS = ["--mode", "lora", "--max_steps", "4", "--eval_steps", "2", "--save_steps", "2", "--batch_size", "8",
+        "--eval_batch_size", "16", "--max_length", "128", "--learning_rate", "5e-3", "--precision", "fp32",
+        "--logging_steps", "1"]
+
+
+def run_deepspeed(tmp_path, tiny_dataset, tiny_llama, *extra, env_extra=None):
+    env = mlflow_env(os.environ["MLFLOW_TRACKING_URI"])
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), *([str(REPO / "tests" / "helpers")] if env_extra else [])])
+    env.update(env_extra or {})
+    command = [sys.executable, "-m", "entrypoints.train_deepspeed", "--num_procs", "2", "--data_path", str(tiny_dataset),
+               "--base_model", tiny_llama, "--output_dir", str(tmp_path / "outputs"), *ARGS, *extra]
+    return subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+
+
+def children_left(tmp_path) -> list[str]:
+    listing = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    return [line for line in listing.splitlines() if "entrypoints.train_deepspeed" in line and str(tmp_path) in line]
+
+
+def test_two_process_zero3_run_is_one_finished_run_with_a_consolidated_model(tmp_path, mlflow_store, tiny_dataset, tiny_llama):
+    done = run_deepspeed(tmp_path, tiny_dataset, tiny_llama)
+    assert done.returncode == 0, done.stderr[-4000:]
+    runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    assert len(runs) == 1  # only rank 0 talks to MLflow
+    run = runs[0]
+    client = MlflowClient()
+    assert run.info.status == "FINISHED"
+    assert run.data.params["deepspeed.world_size"] == "2" and run.data.tags["deepspeed"] == "zero3"
+    assert len(client.get_metric_history(run.info.run_id, "train/loss")) >= 3
+    config = json.loads(Path(client.download_artifacts(run.info.run_id, "deepspeed_config.json", str(tmp_path))).read_text())
+    assert config["zero_optimization"]["stage"] == 3
+
+    # The consolidated model reproduces what the engine measured on validation at the selected step.
+    from textclf.data import load_test_split
+    from textclf.evaluation import classification_metrics
+    from textclf.inference import Predictor
+    from textclf.model import load_classifier
+
+    out = tmp_path / "outputs" / "tinysent-lora-seed42"
+    model, tokenizer = load_classifier(out / "model")
+    expected = sum(p.numel() for p in model.state_dict().values())
+    from safetensors import safe_open
+
+    with safe_open(str(out / "consolidated" / "model.safetensors"), "pt") as weights:
+        assert sum(weights.get_tensor(k).numel() for k in weights.keys()) >= expected - 2 * model.head[0].shift.numel()
+    validation = load_test_split(tiny_dataset / "dev.jsonl", model.spec.label_names)
+    probabilities = Predictor(model, tokenizer).predict_proba(validation["text"].tolist())
+    metrics = classification_metrics(validation["label"], probabilities.argmax(1), 2)
+    assert metrics["accuracy"] == pytest.approx(run.data.metrics["best/accuracy"])
+
+    # evaluate on a DeepSpeed checkpoint folder reproduces the run's test metrics
+    state = json.loads(sorted(out.glob("checkpoint-*/trainer_state.json"))[-1].read_text())
+    best = Path(state["best_model_checkpoint"] or sorted(out.glob("checkpoint-*"))[-1])
+    from entrypoints.evaluate import evaluate
+
+    for reference in (best, next(best.glob("global_step*"))):
+        result = CliRunner().invoke(evaluate, ["--model_uri", str(reference), "--data_path", str(tiny_dataset)],
+                                    catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        latest = mlflow.search_runs(search_all_experiments=True, order_by=["start_time DESC"], output_format="list")[0]
+        assert latest.data.metrics["test/accuracy"] == pytest.approx(run.data.metrics["test/accuracy"])
+        assert latest.data.metrics["test/f1_macro"] == pytest.approx(run.data.metrics["test/f1_macro"])
+
+    # the pyfunc model predicts like the consolidated model
+    pyfunc = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model")
+    texts = validation["text"].tolist()
+    predicted = pyfunc.predict(pd.DataFrame({"text": texts}))
+    assert (predicted["score"].to_numpy() - probabilities.max(1)).max() < 1e-5
+
+
+def test_a_failing_rank_fails_the_run_and_leaves_no_process(tmp_path, mlflow_store, tiny_dataset, tiny_llama):
+    done = run_deepspeed(tmp_path, tiny_dataset, tiny_llama, env_extra={"TEXTCLF_TEST_FAIL_RANK": "1"})
+    assert done.returncode == 2, done.stderr[-4000:]
+    assert "DeepSpeed training failed on at least one of 2 processes" in done.stderr
+    runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    assert [r.info.status for r in runs] == ["FAILED"]
+    assert children_left(tmp_path) == []
+
+
+def test_fp16_on_cpu_is_refused_before_launch(tmp_path, mlflow_store, tiny_dataset, tiny_llama):
+    done = run_deepspeed(tmp_path, tiny_dataset, tiny_llama, "--precision", "fp16")
+    assert done.returncode == 2 and "fp16 needs a CUDA GPU" in done.stderr
+    assert mlflow.search_runs(search_all_experiments=True, output_format="list") == []
