@@ -90,5 +90,15 @@ def test_best_checkpoint_is_selected_and_survives_the_limit(mlflow_store, tiny_d
     best = client.get_run(run_id).data.metrics["best/f1_macro"]
     assert best == max(history.values())
     state = json.loads(sorted(Path("outputs/tinysent-lora-seed42").glob("checkpoint-*/trainer_state.json"))[-1].read_text())
-    assert Path(state["best_model_checkpoint"]).exists()
+    best_checkpoint = Path(state["best_model_checkpoint"])
+    assert best_checkpoint.exists()
     assert all((p / "COMPLETE").exists() for p in Path("outputs/tinysent-lora-seed42").glob("checkpoint-*"))
+    # the logged model is the best checkpoint: same predictions on the test texts
+    from textclf.inference import Predictor
+    from textclf.model_sources import load_model_source
+
+    logged = pd.read_parquet(client.download_artifacts(run_id, "test/predictions.parquet", "."))
+    loaded = load_model_source(str(best_checkpoint))
+    assert loaded.kind == "Trainer checkpoint"
+    scores = Predictor(loaded.model, loaded.tokenizer).predict_proba(logged["text"].tolist()).max(axis=1)
+    assert abs(scores - logged["score"].to_numpy()).max() < 1e-5
