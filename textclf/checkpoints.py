@@ -8,6 +8,7 @@ A checkpoint without the marker is never resumed from; it is renamed aside, not 
 from __future__ import annotations
 
 import logging
+import os
 import re
 from pathlib import Path
 
@@ -57,8 +58,8 @@ def prepare_output_dir(output_dir: Path, resume: bool) -> Path | None:
         probe.unlink()
     except OSError as exc:
         raise TextclfError(f"{output_dir}: output folder cannot be written ({exc.strerror or exc})") from None
-    existing = checkpoint_folders(output_dir)
-    for folder in existing:
+    main_process = os.environ.get("RANK", "0") == "0"  # with DeepSpeed, every rank calls this
+    for folder in checkpoint_folders(output_dir) if main_process else []:
         if not is_complete(folder):
             aside = folder.with_name(f"incomplete-{folder.name}")
             log.warning("%s is incomplete (no %s marker): moved to %s, not resumed from", folder, MARKER, aside)
