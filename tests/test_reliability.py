@@ -14,9 +14,8 @@ from pathlib import Path
 import mlflow
 import pytest
 from click.testing import CliRunner
-from mlflow import MlflowClient
 
-from conftest import REPO, sentiment_rows, write_jsonl
+from conftest import REPO, sentiment_rows
 from entrypoints.train import train
 from test_mlproject import mlflow_env
 

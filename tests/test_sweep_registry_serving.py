@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 import threading
@@ -22,6 +21,7 @@ from entrypoints.predict import predict
 from entrypoints.promote import promote
 from entrypoints.sweep import sweep
 from test_mlproject import mlflow_env
+from textclf.deepspeed import free_port
 
 TINY = ["--logging_steps", "1", "--batch_size", "8", "--eval_batch_size", "16", "--max_length", "128",
         "--precision", "fp32", "--max_steps", "4", "--eval_steps", "2", "--save_steps", "2", "--mode", "lora",
@@ -156,12 +156,6 @@ def test_predict_files(swept, tmp_path):
     missing = CliRunner().invoke(predict, ["--model", "models:/textclf-tinysent@champion", "--input",
                                            str(tmp_path / "nope.jsonl"), "--output", str(tmp_path / "x.jsonl")])
     assert missing.exit_code == 2 and "input file does not exist" in missing.output
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.mark.slow

@@ -51,10 +51,6 @@ class LabeledSplits:
     files: dict[str, list[Path]]
     notes: list[str] = field(default_factory=list)  # what was done to the data, for the log and MLflow
 
-    @property
-    def id2label(self) -> dict[int, str]:
-        return dict(enumerate(self.label_names))
-
     def summary(self) -> dict[str, int]:
         sizes = {"train": len(self.train), "validation": len(self.validation)}
         if self.test is not None:

@@ -12,7 +12,7 @@ from typing import Sequence
 
 import torch
 from datasets import Dataset
-from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from textclf.errors import TextclfError
 
@@ -91,28 +91,6 @@ class PromptEncoder:
         if labels is not None:
             columns["labels"] = [int(label) for label in labels]
         return Dataset.from_dict(columns), encoded
-
-
-class CountingCollator(DataCollatorWithPadding):
-    """Pads each batch to its own longest row, and counts real and padded tokens for throughput metrics.
-
-    Trainer reports samples/s but neither tokens/s nor how much of each batch is padding.
-    """
-
-    def __init__(self, tokenizer: PreTrainedTokenizerBase):
-        super().__init__(tokenizer=tokenizer, padding="longest")
-        self.real_tokens = 0
-        self.padded_tokens = 0
-
-    def __call__(self, features):
-        features = [{k: v for k, v in f.items() if k != "length"} for f in features]
-        batch = super().__call__(features)
-        self.real_tokens += int(batch["attention_mask"].sum())
-        self.padded_tokens += int(batch["attention_mask"].numel())
-        return batch
-
-    def reset(self) -> None:
-        self.real_tokens = self.padded_tokens = 0
 
 
 def batches_by_length(lengths: Sequence[int], batch_size: int) -> list[list[int]]:

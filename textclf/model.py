@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoModel, AutoTokenizer, PreTrainedTokenizerBase
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 from textclf.config import REPO_ROOT, ModelConfig
@@ -331,8 +331,3 @@ def load_classifier(folder: str | os.PathLike) -> tuple[TextClassifier, PreTrain
     model.head.load_state_dict(load_file(str(folder / HEAD_FILE)))
     tokenizer = load_tokenizer(str(folder))
     return model.eval(), tokenizer
-
-
-def describe_base(path: str) -> dict[str, Any]:
-    config = AutoConfig.from_pretrained(path)
-    return {"model_type": config.model_type, "hidden_size": config.hidden_size}

@@ -11,7 +11,6 @@ import math
 import os
 import resource
 import signal
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -122,7 +121,6 @@ def end_stale_runs(
     experiment = mlflow.get_experiment_by_name(experiment_name)
     if experiment is None:
         return []
-    wanted = " or ".join(f"attributes.status = '{s}'" for s in statuses)
     runs = mlflow.search_runs([experiment.experiment_id], output_format="list",
                               filter_string=f"tags.output_dir = '{output_dir}' and attributes.start_time >= {since_ms}")
     stale = [run for run in runs if run.info.status in statuses and run.info.run_id != os.environ.get("MLFLOW_RUN_ID")]
@@ -270,7 +268,3 @@ def pip_requirements() -> list[str]:
     names = ["torch", "transformers", "tokenizers", "safetensors", "peft", "pandas", "numpy", "scikit-learn",
              "matplotlib", "pyarrow", "tqdm", "datasets", "mlflow"]
     return [f"{name}=={version(name)}" for name in names]
-
-
-def print_run_link(run_id: str) -> None:
-    print(f"MLflow run {run_id} (tracking URI {mlflow.get_tracking_uri()})", file=sys.stderr)
