@@ -40,6 +40,7 @@ TRAINING_OPTIONS: list[tuple[str, Any, str]] = [
     ("eval_batch_size", int, "evaluation batch size"),
     ("epochs", float, "training epochs"),
     ("max_steps", int, "stop after this many steps (overrides epochs when > 0)"),
+    ("max_train_minutes", float, "time budget: evaluate, save and stop once training has run this long"),
     ("eval_steps", int, "evaluate every N steps"),
     ("save_steps", int, "checkpoint every N steps (a multiple of eval_steps)"),
     ("logging_steps", int, "log train metrics every N steps"),

@@ -105,3 +105,35 @@ def test_truncation_cuts_the_text_not_the_template(tiny_llama):
     tail = tokenizer.decode(encoded.input_ids[0][-6:])
     assert tail.endswith("answer:")
     assert format_prompt(DEFAULT_PROMPT_TEMPLATE, "x {y}", NAMES).endswith('["Negative", "Positive"],answer:')
+
+
+def test_fast_cpu_dropout_drops_at_the_rate_and_scales_like_torch():
+    import torch
+
+    from textclf.dropout import FastCPUDropout
+
+    dropout = FastCPUDropout(0.1).train()
+    x = torch.ones(1000, 1001, requires_grad=True)
+    y = dropout(x)
+    kept = y != 0
+    assert abs(kept.float().mean().item() - 0.9) < 0.002  # 1M draws: the std of the rate is 0.0003
+    for offset in range(4):  # each 16-bit slice of the 64-bit draws is uniform, the sign bit included
+        assert abs(kept.flatten()[offset::4].float().mean().item() - 0.9) < 0.003
+    assert torch.allclose(y[kept], torch.full_like(y[kept], 1 / 0.9))
+    y.sum().backward()
+    assert torch.equal(x.grad, kept.float() / 0.9)
+    assert not torch.equal(dropout(x), y)  # a fresh mask each call
+    assert dropout.eval()(x) is x
+
+
+def test_fast_cpu_dropout_replaces_every_lora_and_head_dropout(tiny_llama):
+    from torch import nn
+
+    from textclf.config import ModelConfig
+    from textclf.dropout import FastCPUDropout, use_fast_cpu_dropout
+    from textclf.model import build_classifier
+
+    model, _ = build_classifier(ModelConfig(base_model=tiny_llama), "lora", ["a", "b"], "{text}", 64)
+    assert use_fast_cpu_dropout(model) == 2 * 7 + 2  # 7 LoRA projections in each of 2 layers, 2 in the head
+    assert not any(type(m) is nn.Dropout and m.p > 0 for m in model.modules())
+    assert all(m.p == 0.1 for m in model.modules() if isinstance(m, FastCPUDropout))

@@ -102,3 +102,18 @@ def test_best_checkpoint_is_selected_and_survives_the_limit(mlflow_store, tiny_d
     assert loaded.kind == "Trainer checkpoint"
     scores = Predictor(loaded.model, loaded.tokenizer).predict_proba(logged["text"].tolist()).max(axis=1)
     assert abs(scores - logged["score"].to_numpy()).max() < 1e-5
+
+
+def test_time_budget_evaluates_saves_and_stops(mlflow_store, tiny_dataset, tiny_llama):
+    run_id = run_train("--data_path", str(tiny_dataset), "--mode", "lora", "--base_model", tiny_llama,
+                       "--max_steps", "40", "--eval_steps", "20", "--save_steps", "20", *COMMON,
+                       "--max_train_minutes", "0.0001", "--register", "false")
+    client = MlflowClient()
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    # Stopped after the first step, which was evaluated and saved though it is no multiple of eval_steps.
+    assert [m.step for m in client.get_metric_history(run_id, "eval/f1_macro")] == [1]
+    assert run.data.metrics["best/step"] == 1 and "test/accuracy" in run.data.metrics
+    assert (Path("outputs/tinysent-lora-seed42/checkpoint-1") / "COMPLETE").exists()
+    assert 0 < run.data.metrics["train/runtime_seconds"] < 60
+    assert run.data.params["training.max_train_minutes"] == "0.0001"

@@ -84,6 +84,7 @@ class TrainingConfig:
     eval_batch_size: int = 32
     epochs: float = 8.0
     max_steps: int = -1
+    max_train_minutes: float | None = None  # evaluate, save and stop once training has run this long
     eval_steps: int = 100
     save_steps: int = 200
     logging_steps: int = 10
@@ -215,6 +216,8 @@ def validate(config: RunConfig) -> None:
         value = getattr(training, name)
         if value is not None and value <= 0:
             raise TextclfError(f"{name} must be positive, got {value}")
+    if training.max_train_minutes is not None and training.max_train_minutes <= 0:
+        raise TextclfError(f"max_train_minutes must be positive, got {training.max_train_minutes}")
     if training.epochs <= 0 and training.max_steps <= 0:
         raise TextclfError("set epochs > 0 or max_steps > 0")
 

@@ -211,6 +211,8 @@ class MlflowTrainingCallback(TrainerCallback):
                         and "per_second" not in k})
         if "loss" in logs:
             metrics.update(self.throughput())
+        if "train_runtime" in logs:  # the Trainer's last log: wall time of train(), evaluations included
+            metrics.update({"train/runtime_seconds": logs["train_runtime"], "train/eval_seconds": self.eval_seconds})
         log_metrics(metrics, step=state.global_step)
 
     def throughput(self) -> dict[str, float]:

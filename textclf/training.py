@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import shutil
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from textclf import checkpoints
 from textclf.config import RunConfig
 from textclf.data import LabeledSplits, load_splits
 from textclf.encoding import PromptEncoder, batches_by_length, pad_batch
+from textclf.dropout import use_fast_cpu_dropout
 from textclf.errors import TextclfError
 from textclf.evaluation import METRIC_NAMES, classification_metrics, confusion, write_test_artifacts
 from textclf.inference import Predictor
@@ -121,6 +123,33 @@ class CheckpointCallback(TrainerCallback):
                 checkpoints.finalize(folder, self.spec, self.tokenizer)
 
 
+class TimeBudgetCallback(TrainerCallback):
+    """Ends training once it has run ``minutes`` (evaluations included, counted from this process's
+    start or resume), evaluating and saving that last step so it competes for best checkpoint.
+
+    The ranks of a multi-process run agree through an all-reduce: a rank that stopped alone would
+    leave the others waiting on a collective forever.
+    """
+
+    def __init__(self, minutes: float):
+        self.seconds = minutes * 60
+        self.started = time.perf_counter()
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.started = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        over = time.perf_counter() - self.started >= self.seconds
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            flag = torch.tensor([float(over)], device=args.device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            over = bool(flag.item())
+        if over and not control.should_training_stop:
+            log.info("time budget of %.1f min reached at step %d: evaluating, saving and stopping",
+                     self.seconds / 60, state.global_step)
+            control.should_training_stop = control.should_evaluate = control.should_save = True
+
+
 def make_compute_metrics(num_labels: int, label_names: list[str], evaluation_state: dict[str, Any]):
     def compute_metrics(prediction) -> dict[str, float]:
         # label_ids come in the same (possibly length-grouped) order as the predictions: compare those.
@@ -164,9 +193,13 @@ def run_training(
             config.model, config.mode, splits.label_names, config.data.prompt_template, config.data.max_length
         )
         model.spec.extra["precision"] = precision
+        adapt_to_device(model)
         encoder = PromptEncoder(tokenizer, config.data.prompt_template, splits.label_names, config.data.max_length)
         train_set, train_encoded = encoder.dataset(splits.train["text"], splits.train["label"])
         eval_set, eval_encoded = encoder.dataset(splits.validation["text"], splits.validation["label"])
+        # The Trainer evaluates in dataset order: sorted by length, each batch pads to near its own length.
+        # Safe because compute_metrics compares predictions with the labels of the same order.
+        eval_set = eval_set.sort("length", reverse=True)
         tracking.log_metrics({"data/train_truncated": train_encoded.truncated,
                               "data/validation_truncated": eval_encoded.truncated,
                               "data/train_mean_tokens": float(np.mean(train_encoded.lengths))})
@@ -175,14 +208,17 @@ def run_training(
         if config.training.gradient_checkpointing:
             model.gradient_checkpointing_enable()
         evaluation_state: dict[str, Any] = {}
+        callbacks = [tracking.MlflowTrainingCallback(model, evaluation_state), CheckpointCallback(model.spec, tokenizer)]
+        if config.training.max_train_minutes:
+            callbacks.append(TimeBudgetCallback(config.training.max_train_minutes))
         trainer = Trainer(
             model=model,
             args=args,
             train_dataset=train_set,
             eval_dataset=eval_set,
-            data_collator=DataCollatorWithPadding(tokenizer, padding="longest"),
+            data_collator=training_collator(tokenizer),
             compute_metrics=make_compute_metrics(len(splits.label_names), splits.label_names, evaluation_state),
-            callbacks=[tracking.MlflowTrainingCallback(model, evaluation_state), CheckpointCallback(model.spec, tokenizer)],
+            callbacks=callbacks,
             optimizers=(make_optimizer(model, config) if deepspeed is None else None, None),
         )
         with tracking.deferred_interrupts():
@@ -192,6 +228,18 @@ def run_training(
         if deepspeed is not None:
             model = consolidate(trainer, model, tokenizer, output_dir / "consolidated")
         return _finish(config, trainer, model, tokenizer, splits, best, run, output_dir)
+
+
+def adapt_to_device(model) -> None:
+    """Device-specific speed-ups that change no result: on CPU, a dropout with a cheaper random mask."""
+    if not torch.cuda.is_available():
+        replaced = use_fast_cpu_dropout(model)
+        log.info("CPU training: %d dropout layers use the fast CPU mask", replaced)
+
+
+def training_collator(tokenizer) -> DataCollatorWithPadding:
+    """Pads each batch to its own longest row (the sampler groups rows of similar length)."""
+    return DataCollatorWithPadding(tokenizer, padding="longest")
 
 
 def make_optimizer(model, config: RunConfig) -> torch.optim.Optimizer | None:
