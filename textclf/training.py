@@ -11,7 +11,7 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +42,6 @@ class TrainingResult:
     test_metrics: dict[str, float]
     model_uri: str | None = None
     registered_version: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def cpu_has_fast_bf16() -> bool:
@@ -331,8 +330,6 @@ def _finish(config, trainer, model, tokenizer, splits, best, run, output_dir: Pa
     result = TrainingResult(run.info.run_id if run else None, output_dir / "model", best, {})
     if not trainer.is_world_process_zero():
         return result
-    if model is trainer.model or model is getattr(trainer.model, "module", None):
-        model = trainer.model if not hasattr(trainer.model, "module") else trainer.model.module
     model = model.float().eval()
     staging = output_dir / "model.partial"
     shutil.rmtree(staging, ignore_errors=True)
