@@ -38,5 +38,13 @@ train: install
 test: install
 	$(PY) -m pytest -q
 
+# Side-by-side speed ratios on this machine (about 10 min on 2 cores); writes bench-results/bench.json.
+bench: install
+	$(PY) -m entrypoints.bench --output bench-results/bench.json
+
+# The SST-2 (20 min budget) and R8 (30 min budget) accuracy recipes, as tracked runs; about 1 h on 2 cores.
+bench-accuracy: install
+	$(PY) -m entrypoints.bench_accuracy --output bench-results/accuracy.json
+
 clean-runs:
 	rm -rf mlruns mlflow.db outputs
