@@ -18,7 +18,7 @@ from textclf.config import DEFAULT_BASE_MODEL
 @click.option("--mode", default="lora", show_default=True)
 @click.option("--rows", default=240, show_default=True, help="training rows timed per setting (one epoch)")
 @click.option("--baseline_steps", default=3, show_default=True, help="timed steps of the pad-to-512 setting")
-@click.option("--predict_rows", default=256, show_default=True, help="validation rows predicted")
+@click.option("--predict_rows", default=192, show_default=True, help="validation rows predicted")
 @click.option("--output", default="bench-results/bench.json", show_default=True, type=click.Path(dir_okay=False))
 @debug_option
 def bench(debug: bool, output: str, **params) -> None:

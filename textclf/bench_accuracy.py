@@ -19,15 +19,15 @@ GOALS = {"sst2": {"test_accuracy": 0.935, "train_minutes": 20}, "r8": {"test_acc
 
 # Why these recipes (measured on the 2-core bench machine, fp32; docs/benchmarks.md):
 # - SST-2: the default LLM with LoRA beat MiniLM here (91.8% after one epoch vs the 89.1% anchor of
-#   MiniLM after three). It trains at ~2.6 samples/s with the short prompt, so 20 minutes hold ~0.4
-#   epoch: the schedule is sized to that (340 steps of 8, decayed by the deadline) and validation is
-#   capped to 300 rows (~25 s per evaluation, 4 evaluations).
+#   MiniLM after three). It trains at ~3.7 samples/s with the short prompt (2.15 s per step of 8), so
+#   20 minutes hold ~0.5 epoch: the schedule is sized to that (460 steps, decayed by the deadline) and
+#   validation is capped to 300 rows (~25 s per evaluation, 4 evaluations).
 # - R8: prompts average 160-180 tokens, where the 135M LLM trains at ~1 sample/s (~1,800 rows in 30
 #   min, a third of an epoch); MiniLM fully fine-tuned trains ~5x faster and sees ~1.7 epochs.
 RECIPES: dict[str, dict[str, Any]] = {
     "sst2": dict(mode="lora", base_model=DEFAULT_BASE_MODEL, prompt_template=SHORT_TEMPLATE, max_length=128,
-                 batch_size=8, learning_rate=5e-4, head_learning_rate=1e-3, warmup_ratio=0.1, max_steps=340,
-                 eval_steps=85, save_steps=85, max_eval_samples=300, max_train_minutes=20),
+                 batch_size=8, learning_rate=5e-4, head_learning_rate=1e-3, warmup_ratio=0.1, max_steps=460,
+                 eval_steps=115, save_steps=115, max_eval_samples=300, max_train_minutes=20),
     "r8": dict(mode="full", base_model="minilm", prompt_template=SHORT_TEMPLATE, max_length=256, batch_size=16,
                learning_rate=8e-5, head_learning_rate=1e-3, warmup_ratio=0.06, max_steps=500, eval_steps=100,
                save_steps=100, max_train_minutes=30),
