@@ -184,7 +184,7 @@ def measure_training(config: RunConfig, pad_to_max_length: bool, setting: str) -
 
 
 def measure_prediction(model_dir: Path, model_uri: str, texts: list[str], batch_size: int,
-                       repeats: int = 3) -> dict[str, float]:
+                       repeats: int = 2) -> dict[str, float]:
     """Samples/s of the logged pyfunc model on ``texts`` and of the bare forward pass of the same saved
     model on the same length-sorted, pre-tokenized batches (what the pyfunc adds: input checks,
     tokenization, padding, softmax, the output frame). Passes alternate and the best of ``repeats``
