@@ -196,8 +196,9 @@ def run_training(
         encoder = PromptEncoder(tokenizer, config.data.prompt_template, splits.label_names, config.data.max_length)
         train_set, train_encoded = encoder.dataset(splits.train["text"], splits.train["label"])
         eval_set, eval_encoded = encoder.dataset(splits.validation["text"], splits.validation["label"])
-        # The Trainer evaluates in dataset order: sorted by length, each batch pads to near its own length.
-        # Safe because compute_metrics compares predictions with the labels of the same order.
+        # With group_by_length the Trainer's sampler groups evaluation batches by length itself; without it,
+        # it evaluates in dataset order, so sort by length. Safe either way: compute_metrics compares
+        # predictions with the labels of the same order.
         eval_set = eval_set.sort("length", reverse=True)
         tracking.log_metrics({"data/train_truncated": train_encoded.truncated,
                               "data/validation_truncated": eval_encoded.truncated,
@@ -230,7 +231,7 @@ def run_training(
 
 
 def adapt_to_device(model) -> None:
-    """Device-specific speed-ups that change no result: on CPU, a dropout with a cheaper random mask."""
+    """Device-specific speed-ups: on CPU, dropout with a cheaper random mask (same distribution, other draws)."""
     if not torch.cuda.is_available():
         replaced = use_fast_cpu_dropout(model)
         log.info("CPU training: %d dropout layers use the fast CPU mask", replaced)
