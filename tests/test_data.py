@@ -38,14 +38,41 @@ def test_shipped_r8_carves_validation_and_reads_parquet_metadata():
     assert (share - full).abs().max() < 0.01
 
 
-def test_validation_split_does_not_depend_on_training_seed():
-    from textclf.config import build_config
+def _dataset_digests(run_id: str) -> dict[str, str]:
+    """Context ("training", "validation", "test") -> digest of the dataset MLflow recorded for the run."""
+    from mlflow import MlflowClient
 
-    a = load_splits(build_config(dataset="r8", seed=0).data)
-    b = load_splits(build_config(dataset="r8", seed=123).data)
-    assert a.validation.equals(b.validation)
-    assert a.train.equals(b.train)
+    digests = {}
+    for dataset_input in MlflowClient().get_run(run_id).inputs.dataset_inputs:
+        context = {tag.key: tag.value for tag in dataset_input.tags}.get("mlflow.data.context")
+        digests[context] = dataset_input.dataset.digest
+    return digests
 
+
+def test_validation_split_does_not_depend_on_training_seed(tmp_path, mlflow_store, tiny_llama):
+    # Without a dev split, validation is carved from train; it must be the same rows for every
+    # training seed, or seeds would be compared (and promoted) on different data.
+    import mlflow
+    from click.testing import CliRunner
+
+    from conftest import sentiment_rows
+    from entrypoints.train import train
+
+    folder = tmp_path / "nodev"
+    write_jsonl(folder / "train.jsonl", sentiment_rows(40))
+    write_jsonl(folder / "test.jsonl", sentiment_rows(8, 1000))
+    tiny = ["--max_steps", "2", "--eval_steps", "2", "--save_steps", "2", "--logging_steps", "1",
+            "--batch_size", "8", "--eval_batch_size", "16", "--max_length", "128", "--precision", "fp32",
+            "--register", "false", "--base_model", tiny_llama, "--data_path", str(folder)]
+    digests = {}
+    for seed in ("0", "42"):
+        result = CliRunner().invoke(train, [*tiny, "--seed", seed], catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        run = mlflow.search_runs(search_all_experiments=True, filter_string=f"tags.seed = '{seed}'",
+                                 output_format="list")[0]
+        digests[seed] = _dataset_digests(run.info.run_id)
+    assert digests["0"]["validation"] == digests["42"]["validation"]
+    assert digests["0"]["training"] == digests["42"]["training"]
 
 @pytest.mark.parametrize("fmt", ["jsonl", "json", "csv", "parquet"])
 def test_every_format_with_string_labels(tmp_path, fmt):
@@ -162,3 +189,79 @@ def test_bad_data_is_refused_clearly(tmp_path, case, expected):
     assert expected in message
     assert str(path) in message  # names the folder or a file inside it
     assert "\n" not in message
+
+
+# --- label names declared by metadata, chosen columns, tiny stratified splits ----------------------
+
+def test_numeric_class_label_names_in_parquet_metadata_stay_names(tmp_path):
+    # A star rating: ClassLabel names "1".."5" stored as ids 0..4. Id 0 never occurs here, so
+    # reading the names as the label values would shift every label by one.
+    folder = tmp_path / "stars"
+    folder.mkdir()
+    labels = [1 + i % 4 for i in range(40)]
+    table = pa.table({"text": [f"review {i}" for i in range(40)], "label": labels})
+    meta = {"info": {"features": {"text": {"dtype": "string", "_type": "Value"},
+                                  "label": {"_type": "ClassLabel", "names": ["1", "2", "3", "4", "5"]}}}}
+    pq.write_table(table.replace_schema_metadata({"huggingface": json.dumps(meta)}), folder / "train.parquet")
+    splits = load_splits(DataConfig(data_path=str(folder)))
+    assert splits.label_names == ["1", "2", "3", "4", "5"]
+    assert splits.label_source == "parquet metadata"
+    loaded = pd.concat([splits.train, splits.validation]).set_index("text")["label"]
+    assert all(loaded[f"review {i}"] == labels[i] for i in range(40))  # id 1 is the name "2"
+    assert splits.label_names[loaded["review 0"]] == "2"
+
+
+def test_integer_labels_without_metadata_are_their_own_names(tmp_path):
+    folder = tmp_path / "ints123"
+    write_jsonl(folder / "train.jsonl", [{"text": f"t{i}", "label": 1 + i % 3} for i in range(30)])
+    splits = load_splits(DataConfig(data_path=str(folder)))
+    assert splits.label_names == ["1", "2", "3"]
+    loaded = pd.concat([splits.train, splits.validation]).set_index("text")["label"]
+    assert all(loaded[f"t{i}"] == i % 3 for i in range(30))
+
+
+@pytest.mark.parametrize("fmt, stars", [("csv", [1, 5]), ("jsonl", ["1", "5"])])
+def test_text_and_label_columns_can_be_named(tmp_path, fmt, stars):
+    folder = tmp_path / "reviews"
+    folder.mkdir()
+    for split, n in (("train", 20), ("test", 6)):
+        frame = pd.DataFrame({"review": [f"{split} review {i}" for i in range(n)],
+                              "stars": [stars[i % 2] for i in range(n)]})
+        if fmt == "csv":
+            frame.to_csv(folder / f"{split}.csv", index=False)
+        else:
+            write_jsonl(folder / f"{split}.jsonl", frame.to_dict("records"))
+    with pytest.raises(TextclfError, match="no label column"):  # "stars" is not a name detection knows
+        load_splits(DataConfig(data_path=str(folder)))
+    splits = load_splits(DataConfig(data_path=str(folder), text_column="review", label_column="stars"))
+    assert splits.label_names == ["1", "5"]
+    assert splits.summary() == {"train": 17, "validation": 3, "test": 6}
+    test = load_test_split(folder, ["1", "5"], text_column="review", label_column="stars")
+    assert test["label"].tolist() == [0, 1] * 3
+    assert test["text"].tolist()[0] == "test review 0"
+
+
+def test_a_named_column_missing_from_a_file_is_refused_clearly(tmp_path):
+    folder = tmp_path / "reviews"
+    write_jsonl(folder / "train.jsonl", [{"review": f"r{i}", "stars": i % 2} for i in range(10)])
+    write_jsonl(folder / "test.jsonl", [{"review": f"r{i}", "rating": i % 2} for i in range(4)])
+    with pytest.raises(TextclfError) as error:
+        load_splits(DataConfig(data_path=str(folder), text_column="review", label_column="stars"))
+    message = str(error.value)
+    assert str(folder / "test.jsonl") in message
+    assert "stars" in message and "found review, rating" in message
+    assert "\n" not in message
+    with pytest.raises(TextclfError, match="body"):
+        load_test_split(folder, ["0", "1"], text_column="body")
+
+
+def test_stratified_validation_with_more_classes_than_held_out_rows_falls_back(tmp_path):
+    # 10 classes x 2 rows, 15% held out = 3 rows: too few to hold one of each class.
+    folder = tmp_path / "manyclasses"
+    write_jsonl(folder / "train.jsonl", [{"text": f"t{i}", "label": f"c{i % 10}"} for i in range(20)])
+    splits = load_splits(DataConfig(data_path=str(folder)))
+    assert len(splits.validation) == 3 and len(splits.train) == 17
+    note = next(note for note in splits.notes if "no dev split" in note)
+    assert "not stratified" in note
+    again = load_splits(DataConfig(data_path=str(folder)))
+    assert again.validation.equals(splits.validation)  # still the fixed split seed

@@ -2,8 +2,9 @@
 
 Supported files: JSON Lines, JSON arrays, Parquet and CSV. Splits are found by file name (``train``,
 ``dev``/``val``/``validation``, ``test``; shards like ``train-00000-of-00001.parquet`` are joined).
-Labels may be integers or strings. Label names come, in this order, from the Parquet Hugging Face
-metadata, from the preset of a known dataset, or from the sorted union of the labels seen.
+Text and label columns are detected by name unless the config names them. Labels may be integers
+or strings. Label names come, in this order, from the Parquet Hugging Face metadata, from the
+preset of a known dataset, or from the sorted union of the labels seen.
 Every problem raises :class:`TextclfError` naming the file.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -157,15 +159,39 @@ def pick_column(frame: pd.DataFrame, candidates: tuple[str, ...], what: str, pat
     )
 
 
-def load_split(paths: list[Path]) -> tuple[pd.DataFrame, dict[str, list[str]]]:
-    """Read and join the files of one split; return a frame with ``text`` and raw ``label`` columns."""
+def named_column(frame: pd.DataFrame, name: str, what: str, path: Path) -> str:
+    """The column the user named (exact name first, then ignoring case). Raises TextclfError if absent."""
+    if name in frame.columns:
+        return name
+    by_lower = {str(c).lower(): c for c in frame.columns}
+    if name.lower() in by_lower:
+        return by_lower[name.lower()]
+    raise TextclfError(
+        f"{path}: no column {name!r} (given as the {what} column; found {', '.join(map(str, frame.columns))})"
+    )
+
+
+def _column(frame: pd.DataFrame, name: str | None, candidates: tuple[str, ...], what: str, path: Path) -> str:
+    # A column the user named must be there; guessing another one would train on the wrong data.
+    if name:
+        return named_column(frame, name, what, path)
+    return pick_column(frame, candidates, what, path)
+
+
+def load_split(
+    paths: list[Path], text_column: str | None = None, label_column: str | None = None
+) -> tuple[pd.DataFrame, dict[str, list[str]]]:
+    """Read and join the files of one split; return a frame with ``text`` and raw ``label`` columns.
+
+    ``text_column``/``label_column`` name the columns; None detects them. Raises TextclfError.
+    """
     frames, declared = [], {}
     for path in paths:
         frame, names = read_table(path)
         if frame.empty:
             raise TextclfError(f"{path}: file has no rows")
-        text_col = pick_column(frame, TEXT_COLUMNS, "text", path)
-        label_col = pick_column(frame, LABEL_COLUMNS, "label", path)
+        text_col = _column(frame, text_column, TEXT_COLUMNS, "text", path)
+        label_col = _column(frame, label_column, LABEL_COLUMNS, "label", path)
         texts = frame[text_col]
         bad = texts.isna() | ~texts.map(lambda t: isinstance(t, str)) | (texts.astype(str).str.strip() == "")
         if bad.any():
@@ -181,13 +207,16 @@ def load_split(paths: list[Path]) -> tuple[pd.DataFrame, dict[str, list[str]]]:
     return pd.concat(frames, ignore_index=True), declared
 
 
+def _is_integer(labels: pd.Series) -> bool:
+    return pd.api.types.is_integer_dtype(labels) or all(isinstance(v, int) and not isinstance(v, bool) for v in labels)
+
+
 def resolve_label_names(
     raw: dict[str, pd.DataFrame], declared: list[str] | None, dataset_name: str, files: dict[str, list[Path]]
 ) -> tuple[list[str], str]:
     """Decide the ordered label names. Returns (names, where they came from)."""
     values = pd.concat([frame["label"] for frame in raw.values()], ignore_index=True)
-    is_int = pd.api.types.is_integer_dtype(values) or all(isinstance(v, (int,)) and not isinstance(v, bool) for v in values)
-    if is_int:
+    if _is_integer(values):
         if declared:
             return list(declared), "parquet metadata"
         if dataset_name in PRESET_LABEL_NAMES:
@@ -203,11 +232,17 @@ def resolve_label_names(
     return sorted(seen), "sorted string labels"
 
 
-def _to_ids(frame: pd.DataFrame, names: list[str], path: Path) -> pd.DataFrame:
-    """Replace raw labels by their index in ``names``. Raises TextclfError naming unknown labels."""
+def _to_ids(frame: pd.DataFrame, names: list[str], path: Path, declared: bool = False) -> pd.DataFrame:
+    """Replace raw labels by their index in ``names``. Raises TextclfError naming unknown labels.
+
+    Integer labels are indices into ``names``, except when the names are themselves integers that
+    nobody declared (labels 3 and 7 named "3" and "7"): then a label is looked up by value. Names
+    declared by Parquet metadata are always indexed, even when they are digits (stars "1".."5"
+    stored as 0..4), or a rating would shift by one.
+    """
     labels = frame["label"]
-    if pd.api.types.is_integer_dtype(labels) or all(isinstance(v, int) for v in labels):
-        if all(name.lstrip("-").isdigit() for name in names):  # names are the integer labels themselves
+    if _is_integer(labels):
+        if not declared and all(name.lstrip("-").isdigit() for name in names):
             mapping = {int(name): i for i, name in enumerate(names)}
             ids = labels.map(lambda v: mapping.get(int(v)))
         else:
@@ -221,12 +256,25 @@ def _to_ids(frame: pd.DataFrame, names: list[str], path: Path) -> pd.DataFrame:
     return pd.DataFrame({"text": frame["text"], "label": ids.astype("int64")})
 
 
-def carve_validation(train: pd.DataFrame, fraction: float, split_seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Hold out ``fraction`` of train, stratified when every class has two rows, with a fixed seed."""
+def carve_validation(
+    train: pd.DataFrame, fraction: float, split_seed: int
+) -> tuple[pd.DataFrame, pd.DataFrame, str]:
+    """Hold out ``fraction`` of train with a fixed seed, stratified when the data allows it.
+
+    Returns (train, validation, how it was split). Stratifying needs two rows of every class and
+    at least one row per class on each side; a tiny set with many classes cannot give that, and
+    is split at random rather than refused.
+    """
     counts = train["label"].value_counts()
-    stratify = train["label"] if counts.min() >= 2 else None
+    held_out_rows = math.ceil(fraction * len(train))  # how scikit-learn rounds a fractional test_size
+    if counts.min() < 2:
+        stratify, how = None, "not stratified: a class has a single row"
+    elif min(held_out_rows, len(train) - held_out_rows) < len(counts):
+        stratify, how = None, f"not stratified: too few rows on one side for {len(counts)} classes"
+    else:
+        stratify, how = train["label"], "stratified"
     fit, held_out = train_test_split(train, test_size=fraction, random_state=split_seed, stratify=stratify)
-    return fit.reset_index(drop=True), held_out.reset_index(drop=True)
+    return fit.reset_index(drop=True), held_out.reset_index(drop=True), how
 
 
 def load_splits(config: DataConfig) -> LabeledSplits:
@@ -236,10 +284,10 @@ def load_splits(config: DataConfig) -> LabeledSplits:
     raw: dict[str, pd.DataFrame] = {}
     declared: list[str] | None = None
     for split, paths in files.items():
-        raw[split], names = load_split(paths)
+        raw[split], names = load_split(paths, config.text_column, config.label_column)
         declared = declared or names.get("label")
     names, source = resolve_label_names(raw, declared, config.name, files)
-    frames = {split: _to_ids(frame, names, files[split][0]) for split, frame in raw.items()}
+    frames = {split: _to_ids(frame, names, files[split][0], declared=bool(declared)) for split, frame in raw.items()}
     notes: list[str] = []
 
     train_labels = set(frames["train"]["label"])
@@ -257,10 +305,10 @@ def load_splits(config: DataConfig) -> LabeledSplits:
     if "validation" in frames:
         validation = frames["validation"]
     else:
-        train, validation = carve_validation(train, config.validation_fraction, config.split_seed)
+        train, validation, how = carve_validation(train, config.validation_fraction, config.split_seed)
         notes.append(
             f"no dev split: held out {len(validation)} of {len(frames['train'])} train rows "
-            f"({config.validation_fraction:.0%}, stratified, split seed {config.split_seed}) as validation"
+            f"({config.validation_fraction:.0%}, {how}, split seed {config.split_seed}) as validation"
         )
     if config.max_samples and config.max_samples < len(train):
         notes.append(f"max_samples: train capped to {config.max_samples} of {len(train)} rows")
@@ -279,10 +327,18 @@ def load_splits(config: DataConfig) -> LabeledSplits:
     return LabeledSplits(train, validation, test, names, source, files, notes)
 
 
-def load_test_split(path: Path, label_names: list[str], max_test_samples: int | None = None) -> pd.DataFrame:
+def load_test_split(
+    path: Path,
+    label_names: list[str],
+    max_test_samples: int | None = None,
+    *,
+    text_column: str | None = None,
+    label_column: str | None = None,
+) -> pd.DataFrame:
     """Load the test split of a data folder (or one file), labelled with a trained model's ``label_names``.
 
-    Raises TextclfError when there is no test file or a label is unknown to the model.
+    ``text_column``/``label_column`` name the columns; None detects them. Raises TextclfError when
+    there is no test file, a named column is missing or a label is unknown to the model.
     """
     if path.is_file():
         if path.suffix.lower() not in FORMATS:
@@ -292,8 +348,8 @@ def load_test_split(path: Path, label_names: list[str], max_test_samples: int | 
         files = find_split_files(path, require_train=False).get("test")
         if not files:
             raise TextclfError(f"{path}: no test split (expected a file named like test.jsonl)")
-    frame, _ = load_split(files)
-    frame = _to_ids(frame, label_names, files[0])
+    frame, declared = load_split(files, text_column, label_column)
+    frame = _to_ids(frame, label_names, files[0], declared=bool(declared.get("label")))
     if max_test_samples and max_test_samples < len(frame):
         frame = _sample(frame, max_test_samples, DataConfig.split_seed)
     return frame

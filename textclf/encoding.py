@@ -50,8 +50,9 @@ class EncodedTexts:
 class PromptEncoder:
     """Turns raw texts into token ids of the classification prompt, at most ``max_length`` long.
 
-    When a prompt is too long, the text inside it is cut (by the tokenizer's offsets), never the
-    template around it: the decoder pools the last token, which must stay the end of ``answer:``.
+    When a prompt is too long, the text inside it is cut (by the tokenizer's offsets, or by its tokens
+    for a slow tokenizer), never the template around it: the decoder pools the last token, which
+    must stay the end of ``answer:``.
     """
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, template: str, label_names: Sequence[str], max_length: int):
@@ -67,18 +68,33 @@ class PromptEncoder:
 
     def encode(self, texts: Sequence[str]) -> EncodedTexts:
         texts = list(texts)
-        truncated = 0
-        if self.tokenizer.is_fast:
-            pieces = self.tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
-            for i, offsets in enumerate(pieces["offset_mapping"]):
-                if len(offsets) > self.text_budget:
-                    texts[i] = texts[i][: offsets[self.text_budget - 1][1]]
-                    truncated += 1
-        prompts = [format_prompt(self.template, text, self.label_names) for text in texts]
+        cut = self._cut_by_offsets if self.tokenizer.is_fast else self._cut_by_tokens
+        kept = cut(texts)
+        truncated = sum(short != text for short, text in zip(kept, texts))
+        prompts = [format_prompt(self.template, text, self.label_names) for text in kept]
+        # The texts already fit; truncation only guards max_length against a rare merge at the boundary.
         encoded = self.tokenizer(prompts, truncation=True, max_length=self.max_length)
-        if not self.tokenizer.is_fast:
-            truncated = sum(len(ids) == self.max_length for ids in encoded["input_ids"])
         return EncodedTexts(encoded["input_ids"], truncated)
+
+    def _cut_by_offsets(self, texts: list[str]) -> list[str]:
+        """Fast tokenizers: cut each text after its ``text_budget``-th token, at that token's end offset."""
+        pieces = self.tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+        return [
+            text[: offsets[self.text_budget - 1][1]] if len(offsets) > self.text_budget else text
+            for text, offsets in zip(texts, pieces["offset_mapping"])
+        ]
+
+    def _cut_by_tokens(self, texts: list[str]) -> list[str]:
+        """Slow tokenizers have no offsets: keep the first ``text_budget`` tokens and decode them back.
+
+        Truncating the whole prompt instead would cut the template's end (``answer:``) off.
+        """
+        pieces = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        budget = self.text_budget
+        return [
+            self.tokenizer.decode(ids[:budget], skip_special_tokens=True) if len(ids) > budget else text
+            for text, ids in zip(texts, pieces)
+        ]
 
     def dataset(self, texts: Sequence[str], labels: Sequence[int] | None = None) -> tuple[Dataset, EncodedTexts]:
         """A ``datasets.Dataset`` with input_ids, attention_mask, length (for grouping) and labels."""

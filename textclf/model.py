@@ -214,11 +214,15 @@ def resolve_model_path(name_or_path: str) -> str:
             if not (candidate / "config.json").exists():
                 raise TextclfError(f"{candidate}: not a Hugging Face model folder (config.json is missing)")
             return str(candidate)
-    looks_local = name_or_path.startswith((".", "/", "~")) or name_or_path.startswith("ckpt") or name_or_path.count("/") != 1
+    # Hub ids are `name` (gpt2) or `owner/name` (meta-llama/Llama-3.2-1B-Instruct); any other name
+    # that is not a folder was meant as a path, and a missing path is the user's mistake to report.
+    looks_local = (
+        name_or_path.startswith((".", "/", "~", "ckpt")) or "\\" in name_or_path or name_or_path.count("/") > 1
+    )
     if looks_local:
         hint = " (run `make install` to create the default model)" if "SmolLM2" in name_or_path else ""
         raise TextclfError(f"{name_or_path}: base model folder does not exist{hint}")
-    return name_or_path  # a hub id such as meta-llama/Llama-3.2-1B-Instruct
+    return name_or_path  # offline or unknown, it fails in load_tokenizer/load_backbone with a TextclfError
 
 
 def default_pooling(model_type: str) -> str:
