@@ -18,6 +18,8 @@ from textclf.errors import TextclfError, TrainingInterrupted
 TRAINING_OPTIONS: list[tuple[str, Any, str]] = [
     ("dataset", str, "shipped dataset: sst2 or r8"),
     ("data_path", str, "folder with train/dev/test files (json, jsonl, parquet, csv); overrides dataset"),
+    ("text_column", str, "name of the text column (default: detected: text, sentence, review, ...)"),
+    ("label_column", str, "name of the label column (default: detected: label, category, class, ...)"),
     ("mode", str, "full or lora"),
     ("seed", str, "training seed, an integer (0, 42 and 123 are the sweep's defaults)"),
     ("max_samples", int, "cap on training rows"),
@@ -101,6 +103,9 @@ def user_errors(debug: bool = False):
     try:
         yield
     except TextclfError as exc:
+        from textclf.tracking import fail_attached_run
+
+        fail_attached_run(f"TextclfError: {exc}")
         if debug:
             raise
         click.echo(f"error: {exc}", err=True)

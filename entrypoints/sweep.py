@@ -16,12 +16,17 @@ def sweep(seeds: str, debug: bool, **params) -> None:
     setup_logging()
     with user_errors(debug):
         from textclf.config import build_config
+        from textclf.errors import TextclfError
         from textclf.sweep import parse_seeds, run_sweep
 
-        params.pop("seed", None)
+        if params.pop("seed", None) is not None:
+            raise TextclfError("sweep takes --seeds (comma-separated), not --seed")
         seed_list = parse_seeds(seeds)
         config = build_config(mode=params.pop("mode") or "lora", seed=seed_list[0], **params)
         result = run_sweep(config, seed_list)
+        if result.already_finished:
+            click.echo("already finished: nothing was trained, logged or registered "
+                       "(choose another run_name to sweep again)")
         click.echo(f"parent run {result.parent_run_id}")
         click.echo(result.table.to_string(index=False))
         if result.failed:

@@ -18,10 +18,19 @@ def train(debug: bool, **params) -> None:
         from textclf.training import run_training
 
         config = build_config(mode=params.pop("mode") or "lora", **params)
-        result = run_training(config)
-        click.echo(f"run {result.run_id}: best validation {_fmt(result.best_metrics)}; test {_fmt(result.test_metrics)}")
-        click.echo(f"model: {result.model_uri or result.model_dir}"
-                   + (f" (registered version {result.registered_version})" if result.registered_version else ""))
+        report(run_training(config))
+
+
+def report(result) -> None:
+    """What a training produced, or which earlier run it recognised as already finished."""
+    if result.already_finished:
+        click.echo(f"already finished: {result.model_dir.parent} holds run {result.run_id}; nothing was trained, "
+                   "logged or registered (choose another run_name to train again)")
+    click.echo(f"run {result.run_id}: best validation {_fmt(result.best_metrics)}; test {_fmt(result.test_metrics)}")
+    if result.registered_version:
+        click.echo(f"model: models:/{result.registered_model}/{result.registered_version} ({result.model_uri})")
+    else:
+        click.echo(f"model: {result.model_uri or result.model_dir}")
 
 
 def _fmt(metrics: dict) -> str:

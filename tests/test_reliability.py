@@ -133,6 +133,16 @@ def test_bad_data_refused_before_any_run(tmp_path, mlflow_store, tiny_llama, cas
     (["--lora_targets", "q_proj,wqkv"], "LoRA targets absent from the model: wqkv"),
     (["--output_dir", "/proc/version/outputs"], "output folder cannot be written"),
     (["--save_steps", "5", "--eval_steps", "2"], "must be a multiple of eval_steps"),
+    (["--warmup_ratio", "1"], "warmup_ratio must be in [0, 1), got 1.0"),
+    (["--warmup_ratio", "-0.1"], "warmup_ratio must be in [0, 1)"),
+    (["--head_dropout", "1"], "head_dropout must be in [0, 1), got 1.0"),
+    (["--lora_dropout", "-0.5"], "lora_dropout must be in [0, 1), got -0.5"),
+    (["--calibration_samples", "-1"], "calibration_samples must be >= 0"),
+    (["--learning_rate", "0"], "learning_rate must be positive, got 0.0"),
+    (["--head_learning_rate", "-1e-3"], "head_learning_rate must be positive"),
+    (["--eval_steps", "0", "--save_steps", "2"], "eval_steps must be a positive integer, got 0"),
+    (["--weight_decay", "-1"], "weight_decay must be >= 0"),
+    (["--lora_r", "0"], "lora_r must be a positive integer"),
 ])
 def test_bad_parameters_refused_clearly(mlflow_store, tiny_dataset, tiny_llama, args, expected):
     defaults = {"--base_model": tiny_llama}
@@ -150,8 +160,20 @@ def test_base_model_folder_that_is_not_a_model(tmp_path, mlflow_store, tiny_data
 
 
 def test_debug_shows_the_traceback(mlflow_store, tiny_dataset):
-    result = invoke("--data_path", str(tiny_dataset), "--mode", "qlora", "--debug")
-    assert result.exit_code != 0 and result.exception is not None
+    from textclf.errors import TextclfError
+
+    quiet = invoke("--data_path", str(tiny_dataset), "--mode", "qlora")
+    assert quiet.exit_code == 2 and isinstance(quiet.exception, SystemExit)  # one line, no traceback
+    loud = invoke("--data_path", str(tiny_dataset), "--mode", "qlora", "--debug")
+    assert isinstance(loud.exception, TextclfError) and "invalid mode 'qlora'" in str(loud.exception)
+
+
+def test_sweep_refuses_a_single_seed_before_any_run(mlflow_store, tiny_dataset):
+    from entrypoints.sweep import sweep
+
+    result = CliRunner().invoke(sweep, ["--data_path", str(tiny_dataset), "--seed", "42"])
+    assert_clean_refusal(result, "sweep takes --seeds")
+    assert statuses() == []
 
 
 def test_existing_checkpoints_are_not_overwritten_without_resume(mlflow_store, tiny_dataset, tiny_llama):

@@ -117,3 +117,60 @@ def test_time_budget_evaluates_saves_and_stops(mlflow_store, tiny_dataset, tiny_
     assert (Path("outputs/tinysent-lora-seed42/checkpoint-1") / "COMPLETE").exists()
     assert 0 < run.data.metrics["train/runtime_seconds"] < 60
     assert run.data.params["training.max_train_minutes"] == "0.0001"
+
+
+def test_head_learning_rate_builds_its_own_groups_and_decay_spares_biases_and_norms(tmp_path, tiny_llama):
+    from transformers import TrainingArguments
+
+    from textclf.config import build_config
+    from textclf.training import ClassifierTrainer
+    from textclf.model import build_classifier
+
+    config = build_config("full", base_model=tiny_llama)
+    model, _ = build_classifier(config.model, "full", ["a", "b"], config.data.prompt_template, 128)
+    args = TrainingArguments(output_dir=str(tmp_path), learning_rate=1e-3, weight_decay=0.1, use_cpu=True, report_to=[])
+    optimizer = ClassifierTrainer(model=model, args=args, head_learning_rate=1e-2).create_optimizer()
+    names = {id(p): n for n, p in model.named_parameters()}
+    seen = []
+    for group in optimizer.param_groups:
+        for parameter in group["params"]:
+            name = names[id(parameter)]
+            seen.append(name)
+            assert group["lr"] == (1e-2 if name.startswith("head.") else 1e-3), name
+            no_decay = name.endswith("bias") or "norm" in name
+            assert group["weight_decay"] == (0.0 if no_decay else 0.1), name
+    assert sorted(seen) == sorted(n for n, p in model.named_parameters() if p.requires_grad)
+    assert any(n.startswith("head.") for n in seen) and any("norm" in n for n in seen)
+
+
+@pytest.mark.parametrize("grouped", ["true", "false"])
+def test_group_by_length_does_not_change_evaluation_of_a_checkpoint(mlflow_store, tiny_dataset, tiny_llama, grouped):
+    """The same weights evaluated with and without length grouping give the same validation metrics
+    (predictions are compared with the labels of the same order)."""
+    from transformers import TrainingArguments
+
+    from textclf.config import build_config
+    from textclf.data import load_splits
+    from textclf.encoding import PromptEncoder
+    from textclf.model import build_classifier
+    from textclf.training import ClassifierTrainer, make_compute_metrics, training_collator
+    from transformers import set_seed
+
+    config = build_config("lora", data_path=str(tiny_dataset), base_model=tiny_llama, max_length=128)
+    splits = load_splits(config.data)
+    set_seed(0)
+    model, tokenizer = build_classifier(config.model, "lora", splits.label_names, config.data.prompt_template, 128)
+    encoder = PromptEncoder(tokenizer, config.data.prompt_template, splits.label_names, 128)
+    eval_set, _ = encoder.dataset(splits.validation["text"], splits.validation["label"])
+    from textclf.inference import Predictor
+    from textclf.evaluation import classification_metrics
+
+    reference = Predictor(model, tokenizer, batch_size=1).predict_proba(splits.validation["text"].tolist())
+    expected = classification_metrics(splits.validation["label"], reference.argmax(1), 2)
+    args = TrainingArguments(output_dir="out", per_device_eval_batch_size=3, use_cpu=True, report_to=[],
+                             train_sampling_strategy="group_by_length" if grouped == "true" else "random")
+    trainer = ClassifierTrainer(model=model, args=args, eval_dataset=eval_set, data_collator=training_collator(tokenizer),
+                                compute_metrics=make_compute_metrics(2, splits.label_names, {}))
+    metrics = trainer.evaluate()
+    for name, value in expected.items():
+        assert metrics[f"eval_{name}"] == pytest.approx(value), name

@@ -19,13 +19,14 @@ from typing import Any, Iterator
 
 import torch
 from torch import nn
-from transformers import DataCollatorWithPadding, Trainer, TrainerCallback, set_seed
+from transformers import DataCollatorWithPadding, TrainerCallback, set_seed
 
 from textclf.config import RunConfig, build_config
 from textclf.data import load_splits
 from textclf.encoding import PromptEncoder, batches_by_length, pad_batch
 from textclf.model import TextClassifier, base_of, build_classifier
-from textclf.training import adapt_to_device, make_optimizer, resolve_precision, training_arguments, training_collator
+from textclf.training import (ClassifierTrainer, adapt_to_device, resolve_precision, training_arguments,
+                              training_collator)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -177,8 +178,8 @@ def measure_training(config: RunConfig, pad_to_max_length: bool, setting: str) -
         # textclf's arguments without evaluation and checkpoints, which are not what is timed here.
         args = dataclasses.replace(training_arguments(config, Path(tmp), precision), eval_strategy="no",
                                    save_strategy="no", load_best_model_at_end=False)
-        trainer = Trainer(model=model, args=args, train_dataset=train_set, data_collator=collator, callbacks=[timer],
-                          optimizers=(make_optimizer(model, config), None))
+        trainer = ClassifierTrainer(model=model, args=args, train_dataset=train_set, data_collator=collator,
+                                    callbacks=[timer], head_learning_rate=config.training.head_learning_rate)
         trainer.train()
     return Throughput(setting=setting, **timer.totals), flop_model
 
@@ -227,7 +228,7 @@ def save_logged_model(config: RunConfig, folder: Path) -> tuple[Path, str]:
     model to a throwaway MLflow store in ``folder``. Returns the model folder and the model URI."""
     import mlflow
 
-    from textclf import tracking
+    from textclf import serving
     from textclf.model import save_classifier
 
     splits = load_splits(config.data)
@@ -238,7 +239,7 @@ def save_logged_model(config: RunConfig, folder: Path) -> tuple[Path, str]:
     save_classifier(model.eval(), tokenizer, model_dir)
     mlflow.set_experiment("textclf-bench")
     with mlflow.start_run():
-        uri = tracking.log_model(model_dir, splits.label_names, splits.validation["text"].tolist())
+        uri = serving.log_model(model_dir, splits.label_names, splits.validation["text"].tolist())
     return model_dir, uri
 
 

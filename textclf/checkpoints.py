@@ -1,30 +1,70 @@
-"""Checkpoint folders: completion markers, finding the latest complete one, and resume decisions.
+"""Output folders: checkpoint completion markers, what each checkpoint was trained with, and the
+decision a start makes for a folder (start fresh, resume a checkpoint, or recognise a finished run).
 
 The Trainer writes ``checkpoint-N`` in place; a crash can leave one half-written. We write a
-``textclf.json`` (so the checkpoint can be evaluated alone) and then a ``COMPLETE`` marker, last.
-A checkpoint without the marker is never resumed from; it is renamed aside, not deleted.
+``textclf.json`` (so the checkpoint can be evaluated alone), the run's recipe (``run_config.json``),
+and then a ``COMPLETE`` marker, last. A checkpoint without the marker is never resumed from; it is
+renamed aside, not deleted. A checkpoint resumes only into the recipe that wrote it, and a folder
+whose run finished (``finished_run.json``) is never trained again.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from textclf.errors import TextclfError
 
 log = logging.getLogger(__name__)
 
 MARKER = "COMPLETE"
+RECIPE_FILE = "run_config.json"
+FINISHED_FILE = "finished_run.json"
+FORMAT_VERSION = 1
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
+# Parameters that name or steer the run without changing what a training step computes: a checkpoint
+# written under one value resumes under another (a new time budget, a new register choice, ...).
+NOT_PART_OF_RECIPE = {"run.output_dir", "run.run_name", "run.register", "run.resume", "training.max_train_minutes",
+                      "training.eval_batch_size"}
 
 
-def finalize(folder: Path, spec, tokenizer) -> None:
-    """Make a Trainer checkpoint self-describing, then mark it complete."""
+def recipe(flat_config: dict[str, str], **extra: Any) -> dict[str, str]:
+    """What determines a run's training: its flattened config (less NOT_PART_OF_RECIPE) and ``extra``
+    (engine, world size, data digests), every value as a string so that a JSON round trip compares equal."""
+    out = {k: v for k, v in flat_config.items() if k not in NOT_PART_OF_RECIPE}
+    out.update({k: str(v) for k, v in extra.items()})
+    return out
+
+
+def differences(recorded: dict[str, str], current: dict[str, str]) -> list[str]:
+    """``name: recorded -> current`` for every parameter that differs, sorted."""
+    keys = sorted(set(recorded) | set(current))
+    return [f"{k}: {_short(recorded.get(k, '(unset)'))} -> {_short(current.get(k, '(unset)'))}"
+            for k in keys if recorded.get(k) != current.get(k)]
+
+
+def _short(value: str, limit: int = 60) -> str:
+    return value if len(value) <= limit else value[: limit - 3] + "..."
+
+
+def finalize(folder: Path, spec, tokenizer, run_recipe: dict[str, str]) -> None:
+    """Make a Trainer checkpoint self-describing (model spec, tokenizer, recipe), then mark it complete."""
     spec.save(folder)
     tokenizer.save_pretrained(str(folder))
+    write_json(folder / RECIPE_FILE, {"format_version": FORMAT_VERSION, "recipe": run_recipe})
     (folder / MARKER).write_text("ok\n")
+
+
+def write_json(path: Path, data: dict) -> None:
+    """Write through a temporary file and rename: a reader never sees half a file."""
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(data, indent=2, sort_keys=True))
+    os.replace(partial, path)
 
 
 def is_complete(folder: Path) -> bool:
@@ -44,20 +84,66 @@ def latest_complete(output_dir: Path) -> Path | None:
     return complete[-1] if complete else None
 
 
-def prepare_output_dir(output_dir: Path, resume: bool) -> Path | None:
-    """Check the output folder can be written and return the checkpoint to resume from, if any.
+def checkpoint_recipe(folder: Path) -> dict[str, str] | None:
+    path = folder / RECIPE_FILE
+    if not path.exists():
+        return None
+    return json.loads(path.read_text())["recipe"]
 
-    Incomplete checkpoints are renamed ``incomplete-checkpoint-N`` so nothing (the Trainer's
-    rotation included) mistakes them for good ones. Raises TextclfError when the folder cannot be
-    written, or holds checkpoints and ``resume`` is off (nothing already written is overwritten).
-    """
+
+def finished_run(output_dir: Path) -> dict[str, Any] | None:
+    """The record of the run that finished in this folder, or None."""
+    path = output_dir / FINISHED_FILE
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def record_finished(output_dir: Path, run_recipe: dict[str, str], **details: Any) -> None:
+    """Mark the folder's run finished (run id, model URI, version, metrics), so a rerun trains nothing."""
+    write_json(output_dir / FINISHED_FILE, {"format_version": FORMAT_VERSION, "recipe": run_recipe, **details})
+
+
+@dataclass
+class FolderPlan:
+    resume_from: Path | None = None  # the checkpoint to continue from
+    finished: dict[str, Any] | None = None  # the finished run's record: nothing to train
+
+
+def ensure_writable(output_dir: Path) -> None:
+    """Raises TextclfError when the folder cannot be created or written. Each process probes with its own
+    file: under DeepSpeed every rank calls this at once, and a shared probe name races."""
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
-        probe = output_dir / ".write-test"
+        probe = output_dir / f".write-test-{os.getpid()}"
         probe.write_text("")
         probe.unlink()
     except OSError as exc:
         raise TextclfError(f"{output_dir}: output folder cannot be written ({exc.strerror or exc})") from None
+
+
+def plan_output_dir(output_dir: Path, resume: bool, run_recipe: dict[str, str]) -> FolderPlan:
+    """Decide what a start does with its output folder.
+
+    - a finished run made with the same recipe: nothing to train (``finished``);
+    - a complete checkpoint made with the same recipe and ``resume``: continue from it;
+    - no checkpoint: start fresh.
+    Incomplete checkpoints are renamed ``incomplete-checkpoint-N`` (only by the main process).
+    Raises TextclfError, naming the differing parameters, when the folder holds a run or checkpoint of
+    another recipe; and when it holds checkpoints or a finished run and ``resume`` is off (nothing
+    already written is overwritten).
+    """
+    ensure_writable(output_dir)
+    finished = finished_run(output_dir)
+    if finished is not None:
+        changed = differences(finished["recipe"], run_recipe)
+        if changed:
+            raise TextclfError(
+                f"{output_dir}: holds finished run {finished.get('run_id')} made with other parameters "
+                f"({'; '.join(changed)}); choose another run_name or output_dir"
+            )
+        if not resume:
+            raise TextclfError(f"{output_dir}: holds finished run {finished.get('run_id')}; pass resume=true to "
+                               "recognise it, or choose another run_name or output_dir")
+        return FolderPlan(finished=finished)
     main_process = os.environ.get("RANK", "0") == "0"  # with DeepSpeed, every rank calls this
     for folder in checkpoint_folders(output_dir) if main_process else []:
         if not is_complete(folder):
@@ -65,11 +151,20 @@ def prepare_output_dir(output_dir: Path, resume: bool) -> Path | None:
             log.warning("%s is incomplete (no %s marker): moved to %s, not resumed from", folder, MARKER, aside)
             folder.rename(aside)
     latest = latest_complete(output_dir)
-    if latest and not resume:
+    if latest is None:
+        return FolderPlan()
+    if not resume:
         raise TextclfError(
             f"{output_dir}: already holds checkpoints ({latest.name}); pass resume=true to continue, "
             "or choose another output_dir or run_name"
         )
-    if latest:
-        log.info("resuming from %s", latest)
-    return latest
+    recorded = checkpoint_recipe(latest)
+    if recorded is None:
+        raise TextclfError(f"{latest}: records no training parameters ({RECIPE_FILE} is missing), so it cannot be "
+                           "resumed safely; choose another run_name or output_dir")
+    changed = differences(recorded, run_recipe)
+    if changed:
+        raise TextclfError(f"{latest}: was written with other parameters ({'; '.join(changed)}); rerun with the "
+                           "same parameters to resume it, or choose another run_name or output_dir")
+    log.info("resuming from %s", latest)
+    return FolderPlan(resume_from=latest)

@@ -40,6 +40,8 @@ MODE_PRESETS: dict[str, dict[str, Any]] = {
 class DataConfig:
     dataset: str | None = "sst2"  # a shipped dataset name; ignored when data_path is given
     data_path: str | None = None  # any folder holding train/dev/test files
+    text_column: str | None = None  # column holding the text; None: detected (text, sentence, review, ...)
+    label_column: str | None = None  # column holding the label; None: detected (label, category, ...)
     max_samples: int | None = None  # cap on train rows (validation/test are never capped silently)
     max_eval_samples: int | None = None  # explicit cap on validation rows (logged)
     max_test_samples: int | None = None  # explicit cap on test rows (logged)
@@ -155,6 +157,10 @@ def build_config(mode: str = "lora", **overrides: Any) -> RunConfig:
         if owner is None:
             raise TextclfError(f"unknown parameter {key!r}")
         sections[owner][key] = value
+    if sections[DataConfig].get("data_path"):
+        # data_path overrides dataset (MLproject always passes its default, sst2): a custom-data run must
+        # not record the name of a shipped dataset it did not use.
+        sections[DataConfig]["dataset"] = None
     config = RunConfig(
         **top,
         data=DataConfig(**sections[DataConfig]),
@@ -216,10 +222,28 @@ def validate(config: RunConfig) -> None:
         value = getattr(training, name)
         if value is not None and value <= 0:
             raise TextclfError(f"{name} must be positive, got {value}")
+    _check_range("warmup_ratio", training.warmup_ratio, 0, 1, "[0, 1)")
+    _check_range("head_dropout", model.head_dropout, 0, 1, "[0, 1)")
+    _check_range("lora_dropout", model.lora_dropout, 0, 1, "[0, 1)")
+    if training.weight_decay < 0:
+        raise TextclfError(f"weight_decay must be >= 0, got {training.weight_decay}")
+    if model.calibration_samples < 0:
+        raise TextclfError(f"calibration_samples must be >= 0 (0: off), got {model.calibration_samples}")
+    for name in ("lora_r", "lora_alpha"):
+        if getattr(model, name) <= 0:
+            raise TextclfError(f"{name} must be a positive integer, got {getattr(model, name)}")
+    if training.epochs < 0:
+        raise TextclfError(f"epochs must be >= 0, got {training.epochs}")
     if training.max_train_minutes is not None and training.max_train_minutes <= 0:
         raise TextclfError(f"max_train_minutes must be positive, got {training.max_train_minutes}")
     if training.epochs <= 0 and training.max_steps <= 0:
         raise TextclfError("set epochs > 0 or max_steps > 0")
+
+
+def _check_range(name: str, value: float, low: float, high: float, shown: str) -> None:
+    """``low <= value < high``, else one line naming the parameter and the allowed range."""
+    if not low <= value < high:
+        raise TextclfError(f"{name} must be in {shown}, got {value}")
 
 
 def flatten(config: RunConfig, max_length: int = 500) -> dict[str, str]:

@@ -10,8 +10,12 @@ class TextclfError(Exception):
     """A problem with the user's input or environment, reported as one clear line."""
 
 
-class TrainingInterrupted(Exception):
-    """SIGINT or SIGTERM arrived during a run; the run ends KILLED."""
+class TrainingInterrupted(BaseException):
+    """SIGINT or SIGTERM arrived during a run; the run ends KILLED.
+
+    A BaseException, like KeyboardInterrupt: library code that catches Exception must not swallow or
+    re-wrap it (the run would then end FAILED instead of KILLED).
+    """
 
     def __init__(self, signal_name: str):
         super().__init__(f"interrupted by {signal_name}")

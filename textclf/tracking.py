@@ -1,4 +1,4 @@
-"""Everything MLflow: the run lifecycle, the training callback, inputs, artifacts and the pyfunc model.
+"""Everything MLflow about a run: its lifecycle, the training callback, inputs and artifacts.
 
 Only the main process (rank 0) talks to MLflow. Under ``mlflow run`` the run MLflow created is
 honoured; started directly, the run goes to experiment ``textclf-<dataset>``.
@@ -7,18 +7,20 @@ honoured; started directly, the run goes to experiment ``textclf-<dataset>``.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 import resource
 import signal
+import socket
 import tempfile
 import time
 from pathlib import Path
 from typing import Any, Iterator
 
 import mlflow
-import numpy as np
 import pandas as pd
+import psutil
 import torch
 from transformers import TrainerCallback
 
@@ -26,7 +28,7 @@ from textclf.config import RunConfig, flatten
 from textclf.errors import TextclfError, TrainingInterrupted
 from textclf.evaluation import write_confusion
 
-PACKAGE_DIR = Path(__file__).resolve().parent
+log = logging.getLogger(__name__)
 
 
 def is_main_process() -> bool:
@@ -96,7 +98,11 @@ def tracked_run(
         if not attach and not nested:
             mlflow.set_experiment(experiment_name)
     run = mlflow.start_run(run_name=None if attach else run_name, nested=nested)
-    mlflow.set_tags(tags if attach else {**tags, "mlflow.runName": run_name})
+    if attach and run.info.experiment_id == "0":
+        log.warning("this run is in MLflow's Default experiment: pass --experiment-name %s to `mlflow run` "
+                    "to file it with the others", experiment_name)
+    # Also under `mlflow run`, which named the run itself (randomly): the name is the one the user asked for.
+    mlflow.set_tags({**tags, **process_tags(), "mlflow.runName": run_name})
     try:
         with interrupts_raise():
             yield run
@@ -108,6 +114,83 @@ def tracked_run(
         raise
     else:
         mlflow.end_run("FINISHED")
+
+
+def attached_run_id() -> str | None:
+    """The run `mlflow run` created for this process (MLflow passes it as MLFLOW_RUN_ID), if any."""
+    return os.environ.get("MLFLOW_RUN_ID") or None
+
+
+def discard_attached_run(reason: str) -> None:
+    """End and delete the empty run `mlflow run` created, when the command had nothing to do (its run
+    already finished): the experiment keeps one run per training. Ending it first keeps `mlflow run`
+    from marking it itself."""
+    run_id = attached_run_id()
+    if run_id is None or not is_main_process():
+        return
+    client = mlflow.MlflowClient()
+    client.set_tag(run_id, "textclf.discarded", reason[:5000])
+    client.set_terminated(run_id, "FINISHED")
+    client.delete_run(run_id)
+
+
+def fail_attached_run(message: str) -> None:
+    """Record a refusal that came before our run started (bad data, bad parameters) on the run `mlflow run`
+    created, and end it FAILED, so the UI says why."""
+    run_id = attached_run_id()
+    if run_id is None or not is_main_process():
+        return
+    with contextlib.suppress(Exception):
+        client = mlflow.MlflowClient()
+        if client.get_run(run_id).info.status == "RUNNING":
+            client.set_tag(run_id, "error", message[:5000])
+            client.set_terminated(run_id, "FAILED")
+
+
+def process_tags() -> dict[str, str]:
+    """Who is running this run: a later start ends it only once this process is gone (see end_dead_runs)."""
+    return {"textclf.host": socket.gethostname(), "textclf.pid": str(os.getpid()),
+            "textclf.pid_started": f"{psutil.Process().create_time():.2f}"}
+
+
+def process_is_alive(pid: int, started: str | None) -> bool:
+    """Whether ``pid`` still runs and is the process that started at ``started`` (pids are reused)."""
+    try:
+        process = psutil.Process(pid)
+        return started is None or f"{process.create_time():.2f}" == started
+    except psutil.NoSuchProcess:
+        return False
+    except psutil.Error:
+        return True  # exists but cannot be inspected: assume alive, never end a live run
+
+
+def end_dead_runs(output_dir: str) -> list[str]:
+    """End KILLED the RUNNING runs for ``output_dir`` whose process is gone (``kill -9``, a power cut),
+    whatever their experiment. Runs of live processes, and of other hosts (whose processes cannot be
+    checked from here), are left alone. Returns the ids of the runs ended."""
+    if not is_main_process():
+        return []
+    runs = mlflow.search_runs(search_all_experiments=True, output_format="list",
+                              filter_string=f"tags.output_dir = '{output_dir}' and attributes.status = 'RUNNING'")
+    client = mlflow.MlflowClient()
+    ended = []
+    for run in runs:
+        tags = run.data.tags
+        if run.info.run_id == os.environ.get("MLFLOW_RUN_ID") or "textclf.pid" not in tags:
+            continue
+        if tags.get("textclf.host") != socket.gethostname():
+            log.warning("run %s for %s is RUNNING on host %s: not ended from here", run.info.run_id, output_dir,
+                        tags.get("textclf.host"))
+            continue
+        if process_is_alive(int(tags["textclf.pid"]), tags.get("textclf.pid_started")):
+            continue
+        client.set_tag(run.info.run_id, "error", f"process {tags['textclf.pid']} died without ending the run; "
+                       "ended by the next start for its output folder")
+        client.set_terminated(run.info.run_id, "KILLED")
+        ended.append(run.info.run_id)
+    if ended:
+        log.warning("ended KILLED the runs of dead processes for %s: %s", output_dir, ", ".join(ended))
+    return ended
 
 
 def end_stale_runs(
@@ -233,40 +316,3 @@ class MlflowTrainingCallback(TrainerCallback):
             for path in write_confusion(latest, Path(tmp) / f"confusion_matrix_step_{state.global_step}",
                                         f"validation, step {state.global_step}"):
                 mlflow.log_artifact(str(path), artifact_path="eval")
-
-
-def log_model(model_dir: Path, label_names: list[str], example_texts: list[str]) -> str:
-    """Log the saved model folder as the pyfunc model ``model``; return its model URI."""
-    from mlflow.models import ModelSignature, infer_signature
-    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
-
-    from textclf.serving import DEFAULT_BATCH_SIZE, TextClassifierPyfunc, output_frame
-
-    example = pd.DataFrame({"text": example_texts[:3]})
-    fake_probs = np.full((len(example), len(label_names)), 1.0 / len(label_names))
-    # One unnamed string column: MLflow then accepts a DataFrame with `text`, a list of strings and a
-    # Series alike (a named `text` column would refuse the list and the Series).
-    signature = ModelSignature(
-        inputs=Schema([ColSpec("string")]),
-        outputs=infer_signature(example, output_frame(fake_probs, label_names)).outputs,
-        params=ParamSchema([ParamSpec("batch_size", "long", DEFAULT_BATCH_SIZE)]),
-    )
-    info = mlflow.pyfunc.log_model(
-        name="model",
-        python_model=TextClassifierPyfunc(),
-        artifacts={"model_dir": str(model_dir)},
-        code_paths=[str(PACKAGE_DIR)],
-        signature=signature,
-        input_example=example,
-        pip_requirements=pip_requirements(),
-    )
-    return info.model_uri
-
-
-def pip_requirements() -> list[str]:
-    """The serving environment, stated rather than inferred (inference loads the model: slow)."""
-    from importlib.metadata import version
-
-    names = ["torch", "transformers", "tokenizers", "safetensors", "peft", "pandas", "numpy", "scikit-learn",
-             "matplotlib", "pyarrow", "tqdm", "datasets", "mlflow"]
-    return [f"{name}=={version(name)}" for name in names]

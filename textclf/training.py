@@ -6,6 +6,8 @@ process of ``train_deepspeed``); the components it wires live in the other modul
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -17,11 +19,12 @@ from typing import Any
 
 import mlflow
 import numpy as np
+import pandas as pd
 import torch
 from transformers import DataCollatorWithPadding, Trainer, TrainerCallback, TrainingArguments, set_seed
 
 from textclf import checkpoints
-from textclf.config import RunConfig
+from textclf.config import RunConfig, flatten
 from textclf.data import LabeledSplits, load_splits
 from textclf.encoding import PromptEncoder, batches_by_length, pad_batch
 from textclf.dropout import use_fast_cpu_dropout
@@ -29,6 +32,7 @@ from textclf.errors import TextclfError
 from textclf.evaluation import METRIC_NAMES, classification_metrics, confusion, write_test_artifacts
 from textclf.inference import Predictor
 from textclf.model import build_classifier, save_classifier
+from textclf import serving
 from textclf import tracking
 
 log = logging.getLogger(__name__)
@@ -41,7 +45,9 @@ class TrainingResult:
     best_metrics: dict[str, float]
     test_metrics: dict[str, float]
     model_uri: str | None = None
+    registered_model: str | None = None
     registered_version: str | None = None
+    already_finished: bool = False  # the folder's run had finished earlier: nothing was trained now
 
 
 def cpu_has_fast_bf16() -> bool:
@@ -110,16 +116,16 @@ def training_arguments(config: RunConfig, output_dir: Path, precision: str, deep
 
 
 class CheckpointCallback(TrainerCallback):
-    """Makes each checkpoint describe itself (textclf.json + tokenizer) and marks it complete last."""
+    """Makes each checkpoint describe itself (textclf.json, tokenizer, the run's recipe) and marks it complete last."""
 
-    def __init__(self, spec, tokenizer):
-        self.spec, self.tokenizer = spec, tokenizer
+    def __init__(self, spec, tokenizer, run_recipe: dict[str, str]):
+        self.spec, self.tokenizer, self.run_recipe = spec, tokenizer, run_recipe
 
     def on_save(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
             folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             if folder.is_dir():
-                checkpoints.finalize(folder, self.spec, self.tokenizer)
+                checkpoints.finalize(folder, self.spec, self.tokenizer, self.run_recipe)
 
 
 class TimeBudgetCallback(TrainerCallback):
@@ -166,19 +172,27 @@ def run_training(
 ) -> TrainingResult:
     """Train, select the best checkpoint, test it, and record everything in one MLflow run.
 
-    Raises TextclfError on bad input (before any run is started when the data is bad); the run
+    A folder whose run already finished with the same recipe is recognised: nothing is trained, logged
+    or registered, and the result names that run (``already_finished``). Raises TextclfError on bad
+    input (before any run is started when the data, parameters or output folder are wrong); the run
     ends FAILED on any error and KILLED on SIGINT/SIGTERM.
     """
     precision = resolve_precision(config.training.precision)
     splits = load_splits(config.data)  # bad data fails here, before an MLflow run exists
     output_dir = config.run_output_dir
-    resume_from = checkpoints.prepare_output_dir(output_dir, resume=config.resume)
+    run_recipe = recipe_of(config, splits, precision, deepspeed)
+    plan = checkpoints.plan_output_dir(output_dir, config.resume, run_recipe)
+    if plan.finished is not None:
+        result = already_finished(plan.finished, output_dir)
+        if not nested:
+            tracking.discard_attached_run(f"{output_dir} had already finished as run {result.run_id}")
+        return result
+    resume_from = plan.resume_from
     tags = {"dataset": config.dataset_name, "mode": config.mode, "seed": str(config.seed),
             "base_model": config.model.base_model, "output_dir": str(output_dir.resolve()), **(extra_tags or {})}
-    if resume_from:
-        stale = tracking.end_stale_runs(config.experiment_name, tags["output_dir"])
-        if stale:
-            tags["resumes_runs"] = ",".join(stale)
+    ended = tracking.end_dead_runs(tags["output_dir"])
+    if ended and resume_from:
+        tags["resumes_runs"] = ",".join(ended)
     with tracking.tracked_run(config.experiment_name, config.default_run_name, tags, nested=nested) as run:
         if run is not None:
             _log_run_inputs(config, splits, precision, resume_from)
@@ -203,15 +217,18 @@ def run_training(
         tracking.log_metrics({"data/train_truncated": train_encoded.truncated,
                               "data/validation_truncated": eval_encoded.truncated,
                               "data/train_mean_tokens": float(np.mean(train_encoded.lengths))})
-        if config.model.calibration_samples and deepspeed is None:  # ZeRO-3 params exist only inside the engine
-            calibrate_head(model, encoder, splits.train["text"], config.model.calibration_samples, config.seed)
+        if config.model.calibration_samples:
+            calibrate_head(model, encoder, splits.train["text"], config.model.calibration_samples, config.seed,
+                           partitioned=deepspeed is not None)
         if config.training.gradient_checkpointing:
             model.gradient_checkpointing_enable()
         evaluation_state: dict[str, Any] = {}
-        callbacks = [tracking.MlflowTrainingCallback(model, evaluation_state), CheckpointCallback(model.spec, tokenizer)]
+        callbacks = [tracking.MlflowTrainingCallback(model, evaluation_state),
+                     CheckpointCallback(model.spec, tokenizer, run_recipe)]
         if config.training.max_train_minutes:
             callbacks.append(TimeBudgetCallback(config.training.max_train_minutes))
-        trainer = Trainer(
+        trainer = ClassifierTrainer(
+            head_learning_rate=config.training.head_learning_rate,
             model=model,
             args=args,
             train_dataset=train_set,
@@ -219,15 +236,90 @@ def run_training(
             data_collator=training_collator(tokenizer),
             compute_metrics=make_compute_metrics(len(splits.label_names), splits.label_names, evaluation_state),
             callbacks=callbacks,
-            optimizers=(make_optimizer(model, config) if deepspeed is None else None, None),
         )
-        with tracking.deferred_interrupts():
-            trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        if resume_from and checkpoint_ended_training(resume_from):
+            restore_finished_training(trainer, model, resume_from, deepspeed is not None)
+        else:
+            with tracking.deferred_interrupts():
+                trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
         best = _best_validation_metrics(trainer)
         tracking.log_metrics({f"best/{k}": v for k, v in best.items()})
         if deepspeed is not None:
             model = consolidate(trainer, model, tokenizer, output_dir / "consolidated")
-        return _finish(config, trainer, model, tokenizer, splits, best, run, output_dir)
+        result = _finish(config, trainer, model, tokenizer, splits, best, run, output_dir)
+    if run is not None:
+        checkpoints.record_finished(
+            output_dir, run_recipe, run_id=result.run_id, experiment_id=run.info.experiment_id,
+            tracking_uri=mlflow.get_tracking_uri(), model_uri=result.model_uri,
+            registered_model=result.registered_model, registered_version=result.registered_version,
+            best=result.best_metrics, test=result.test_metrics,
+        )
+    return result
+
+
+def checkpoint_ended_training(checkpoint: Path) -> bool:
+    """Whether ``checkpoint`` is the last step of its schedule (the process died after it, before finishing)."""
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    return state["global_step"] >= state["max_steps"]
+
+
+def restore_finished_training(trainer: Trainer, model, checkpoint: Path, partitioned: bool) -> None:
+    """Take up a training whose last checkpoint was written: its state and its best weights, no new step.
+
+    Written by hand because the Trainer, resumed from the final checkpoint, trains one step past
+    ``max_steps`` (transformers 5: it skips the trained batches, then runs the next one before it checks
+    the step count). Raises TextclfError under ZeRO-3, whose sharded weights only the engine can load.
+    """
+    from safetensors.torch import load_file
+    from transformers import TrainerState
+
+    if partitioned:
+        raise TextclfError(f"{checkpoint}: is the last step of its run, which did not finish; DeepSpeed cannot take it "
+                           "up without training past max_steps: evaluate it with `evaluate`, or choose another run_name")
+    trainer.state = TrainerState.load_from_json(str(checkpoint / "trainer_state.json"))
+    best = Path(trainer.state.best_model_checkpoint or checkpoint)
+    best = checkpoint.parent / best.name  # the folder may have moved since the state was written
+    model.load_state_dict(load_file(str(best / "model.safetensors")))
+    log.info("%s is the last step of the schedule: nothing left to train; best checkpoint %s", checkpoint, best.name)
+
+
+def recipe_of(config: RunConfig, splits: LabeledSplits, precision: str, deepspeed: dict | None) -> dict[str, str]:
+    """What determines the training in this folder: parameters, engine, precision and the data's content."""
+    engine = {"engine": "trainer", "world_size": 1}
+    if deepspeed is not None:
+        engine = {"engine": "deepspeed", "world_size": os.environ.get("WORLD_SIZE", "1"),
+                  "deepspeed_config": json.dumps(deepspeed, sort_keys=True)}
+    return checkpoints.recipe(flatten(config), resolved_precision=precision, **engine, **data_digests(splits))
+
+
+def data_digests(splits: LabeledSplits) -> dict[str, str]:
+    """A content hash per split: a checkpoint never resumes onto other rows under the same parameters."""
+    frames = {"train": splits.train, "validation": splits.validation, "test": splits.test}
+    return {f"data.digest.{name}": hashlib.sha256(pd.util.hash_pandas_object(frame, index=False).values).hexdigest()[:16]
+            for name, frame in frames.items() if frame is not None}
+
+
+def already_finished(record: dict[str, Any], output_dir: Path) -> TrainingResult:
+    """The result of the run that finished in ``output_dir`` earlier, checked against the tracking store.
+
+    Raises TextclfError when the store no longer has that run (deleted, or another store is in use).
+    """
+    run_id = record.get("run_id")
+    if run_id:
+        try:
+            run = mlflow.MlflowClient().get_run(run_id)
+        except mlflow.exceptions.MlflowException:
+            run = None
+        if run is None or run.info.lifecycle_stage == "deleted":
+            raise TextclfError(
+                f"{output_dir}: holds finished run {run_id}, which the tracking store {mlflow.get_tracking_uri()} "
+                f"does not have (recorded in {record.get('tracking_uri')}); remove the folder, or choose another "
+                "run_name or output_dir"
+            )
+    log.info("%s: already finished as run %s; nothing to train", output_dir, run_id)
+    return TrainingResult(run_id, output_dir / "model", record.get("best", {}), record.get("test", {}),
+                          model_uri=record.get("model_uri"), registered_model=record.get("registered_model"),
+                          registered_version=record.get("registered_version"), already_finished=True)
 
 
 def adapt_to_device(model) -> None:
@@ -242,24 +334,57 @@ def training_collator(tokenizer) -> DataCollatorWithPadding:
     return DataCollatorWithPadding(tokenizer, padding="longest")
 
 
-def make_optimizer(model, config: RunConfig) -> torch.optim.Optimizer | None:
-    """AdamW with its own learning rate for the head, or None to let the Trainer build its default."""
-    t = config.training
-    if t.head_learning_rate is None or t.head_learning_rate == t.learning_rate:
-        return None
-    head = [p for p in model.head.parameters() if p.requires_grad]
-    head_ids = {id(p) for p in head}
-    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in head_ids]
-    return torch.optim.AdamW([{"params": rest, "lr": t.learning_rate}, {"params": head, "lr": t.head_learning_rate}],
-                             lr=t.learning_rate, weight_decay=t.weight_decay)
+class ClassifierTrainer(Trainer):
+    """The Trainer with one change: the classification head may learn at its own rate.
+
+    Overriding ``create_optimizer`` (rather than passing ``optimizers=``) keeps one code path for plain
+    training and DeepSpeed, which calls it when its config names no optimizer.
+    """
+
+    def __init__(self, *args, head_learning_rate: float | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.head_learning_rate = head_learning_rate
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is None:
+            model = model or self.model
+            optimizer_class, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, model)
+            groups = parameter_groups(model, self.args.learning_rate, self.head_learning_rate or self.args.learning_rate,
+                                      self.args.weight_decay, set(self.get_decay_parameter_names(model)))
+            self.optimizer = optimizer_class(groups, **optimizer_kwargs)
+        return self.optimizer
 
 
-def calibrate_head(model, encoder: PromptEncoder, texts, count: int, seed: int) -> None:
+def parameter_groups(model, learning_rate: float, head_learning_rate: float, weight_decay: float,
+                     decay_names: set[str]) -> list[dict[str, Any]]:
+    """Trainable parameters in up to four groups: backbone/head x decayed/not. Biases and norm weights are
+    never decayed (the Trainer's own rule, ``get_decay_parameter_names``)."""
+    groups: dict[tuple[bool, bool], list] = {}
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad:
+            groups.setdefault((name.startswith("head."), name in decay_names), []).append(parameter)
+    return [{"params": params, "lr": head_learning_rate if head else learning_rate,
+             "weight_decay": weight_decay if decayed else 0.0}
+            for (head, decayed), params in sorted(groups.items())]
+
+
+def calibrate_head(model, encoder: PromptEncoder, texts, count: int, seed: int, partitioned: bool = False) -> None:
+    """Standardize the head's input on ``count`` training rows (the same rows on every rank).
+
+    Under ZeRO-3 (``partitioned``) each rank holds a slice of the backbone's weights: they are gathered
+    for these few forward passes, as DeepSpeed documents for using a model outside its engine.
+    """
     sample = texts.sample(n=min(count, len(texts)), random_state=seed).tolist()
     encoded = encoder.encode(sample)
-    batches = (pad_batch(encoder.tokenizer, [encoded.input_ids[i] for i in indices])
-               for indices in batches_by_length(encoded.lengths, 16))
-    rows = model.calibrate(batches)
+    batches = [pad_batch(encoder.tokenizer, [encoded.input_ids[i] for i in indices])
+               for indices in batches_by_length(encoded.lengths, 16)]
+    gathered = contextlib.nullcontext()
+    if partitioned:
+        import deepspeed
+
+        gathered = deepspeed.zero.GatheredParameters(list(model.backbone.parameters()), modifier_rank=None)
+    with gathered:
+        rows = model.calibrate(batches)
     log.info("head input standardized on %d training rows", rows)
 
 
@@ -348,10 +473,11 @@ def _finish(config, trainer, model, tokenizer, splits, best, run, output_dir: Pa
             tracking.log_metrics({f"test/{k}": v for k, v in result.test_metrics.items()})
             mlflow.log_artifacts(str(test_dir), artifact_path="test")
     if run is not None:
-        result.model_uri = tracking.log_model(result.model_dir, splits.label_names, splits.validation["text"].tolist())
+        result.model_uri = serving.log_model(result.model_dir, splits.label_names, splits.validation["text"].tolist())
         if config.register:
-            from textclf.registry import register_run_model
+            from textclf.registry import register_run_model, registered_model_name
 
             result.registered_version = register_run_model(run.info.run_id, result.model_uri, config, best, result.test_metrics)
+            result.registered_model = registered_model_name(config.dataset_name)
     log.info("best validation %s; test %s", best, result.test_metrics)
     return result
