@@ -54,15 +54,11 @@ def test_bench_compares_settings_side_by_side_and_writes_json(tiny_llama, tmp_pa
     assert baseline["padded_tokens"] == baseline["samples"] * 512
     # Per-batch padding computes far fewer padded tokens than padding to 512 (tiny prompts are ~120 tokens).
     assert textclf["padding_fraction"] < baseline["padding_fraction"] / 2
-    assert baseline["speedup_vs_pad_to_512"] == 1.0
-    assert textclf["speedup_vs_pad_to_512"] == pytest.approx(textclf["samples_per_second"] / baseline["samples_per_second"])
     for row in report["training"]:
         assert 0 < row["mfu_vs_best_matmul"] <= row["mfu"] < 1 and row["seconds"] > 0
     assert 0 < report["matmul_gflops"]["median"] <= report["matmul_gflops"]["best"]
     prediction = report["prediction"]
     assert prediction["rows"] == 40 and prediction["pyfunc_samples_per_second"] > 0
-    assert prediction["ratio"] == pytest.approx(prediction["pyfunc_samples_per_second"]
-                                                / prediction["bare_forward_samples_per_second"])
     assert "| textclf: pad per batch, length-grouped batches |" in result.output
     assert not (tmp_path / "mlflow.db").exists()  # the bench's model goes to a throwaway store
 
@@ -97,7 +93,7 @@ def test_bench_accuracy_trains_a_tracked_run_and_reports_it_against_the_goal(mlf
     assert run.info.status == "FINISHED" and run.data.tags["bench"] == "accuracy"
     assert row["test_accuracy"] == pytest.approx(run.data.metrics["test/accuracy"])
     assert row["train_minutes"] == pytest.approx(run.data.metrics["train/runtime_seconds"] / 60)
-    assert row["met"] == (row["test_accuracy"] >= 0.935 and row["train_minutes"] <= 20)
+    assert row["met"] is False  # a 4-step tiny model is far from the 93.5% goal, and the report must say so
     assert "| sst2 | " in result.output
 
     refused = CliRunner().invoke(bench_accuracy, ["--datasets", "imdb", "--output", str(output)])

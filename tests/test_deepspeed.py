@@ -24,11 +24,11 @@ ARGS = ["--mode", "lora", "--max_steps", "4", "--eval_steps", "2", "--save_steps
         "--logging_steps", "1"]
 
 
-def run_deepspeed(tmp_path, tiny_dataset, tiny_llama, *extra, env_extra=None):
+def run_deepspeed(tmp_path, tiny_dataset, tiny_llama, *extra, env_extra=None, num_procs="2"):
     env = mlflow_env(os.environ["MLFLOW_TRACKING_URI"])
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), *([str(REPO / "tests" / "helpers")] if env_extra else [])])
     env.update(env_extra or {})
-    command = [sys.executable, "-m", "entrypoints.train_deepspeed", "--num_procs", "2", "--data_path", str(tiny_dataset),
+    command = [sys.executable, "-m", "entrypoints.train_deepspeed", "--num_procs", num_procs, "--data_path", str(tiny_dataset),
                "--base_model", tiny_llama, "--output_dir", str(tmp_path / "outputs"), *ARGS, *extra]
     return subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
 
@@ -59,11 +59,17 @@ def test_two_process_zero3_run_is_one_finished_run_with_a_consolidated_model(tmp
 
     out = tmp_path / "outputs" / "tinysent-lora-seed42"
     model, tokenizer = load_classifier(out / "model")
-    expected = sum(p.numel() for p in model.state_dict().values())
+    # Every tensor of the LoRA classifier (backbone, adapters, head, scaler), whole: no rank's shard missing.
     from safetensors import safe_open
 
+    from textclf.config import ModelConfig
+    from textclf.model import build_classifier
+
+    fresh, _ = build_classifier(ModelConfig(base_model=tiny_llama), "lora", model.spec.label_names,
+                                model.spec.prompt_template, model.spec.max_length)
     with safe_open(str(out / "consolidated" / "model.safetensors"), "pt") as weights:
-        assert sum(weights.get_tensor(k).numel() for k in weights.keys()) >= expected - 2 * model.head[0].shift.numel()
+        shapes = {key: list(weights.get_slice(key).get_shape()) for key in weights.keys()}
+    assert shapes == {key: list(value.shape) for key, value in fresh.state_dict().items()}
     validation = load_test_split(tiny_dataset / "dev.jsonl", model.spec.label_names)
     probabilities = Predictor(model, tokenizer).predict_proba(validation["text"].tolist())
     metrics = classification_metrics(validation["label"], probabilities.argmax(1), 2)
@@ -87,6 +93,30 @@ def test_two_process_zero3_run_is_one_finished_run_with_a_consolidated_model(tmp
     texts = validation["text"].tolist()
     predicted = pyfunc.predict(pd.DataFrame({"text": texts}))
     assert (predicted["score"].to_numpy() - probabilities.max(1)).max() < 1e-5
+
+
+def test_one_process_deepspeed_trains_the_recipe_train_trains(tmp_path, mlflow_store, tiny_dataset, tiny_llama):
+    """Same data, seed and parameters (head learning rate and head-input calibration included): ZeRO-3 on one
+    process must give the metrics `train` gives, or its logged params would describe another recipe."""
+    recipe = ["--head_learning_rate", "2e-2", "--calibration_samples", "16", "--seed", "0"]
+    done = run_deepspeed(tmp_path, tiny_dataset, tiny_llama, *recipe, "--run_name", "zero3", num_procs="1")
+    assert done.returncode == 0, done.stderr[-4000:]
+    env = mlflow_env(os.environ["MLFLOW_TRACKING_URI"])
+    env["PYTHONPATH"] = str(REPO)
+    plain = subprocess.run([sys.executable, "-m", "entrypoints.train", "--data_path", str(tiny_dataset), "--base_model",
+                            tiny_llama, "--output_dir", str(tmp_path / "outputs"), "--run_name", "plain", *ARGS, *recipe],
+                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert plain.returncode == 0, plain.stderr[-4000:]
+    runs = {r.info.run_name: r for r in mlflow.search_runs(search_all_experiments=True, output_format="list")}
+    zero3, trained = runs["zero3"].data, runs["plain"].data
+    for name in ("training.head_learning_rate", "model.calibration_samples"):
+        assert zero3.params[name] == trained.params[name]
+    client = MlflowClient()
+    losses = {name: [m.value for m in sorted(client.get_metric_history(runs[name].info.run_id, "train/loss"),
+                                             key=lambda m: m.step)] for name in runs}
+    assert losses["zero3"] == pytest.approx(losses["plain"], rel=1e-3, abs=1e-4)
+    for metric in ("best/loss", "best/accuracy", "test/accuracy", "test/f1_macro"):
+        assert zero3.metrics[metric] == pytest.approx(trained.metrics[metric], abs=1e-3), metric
 
 
 def test_a_failing_rank_fails_the_run_and_leaves_no_process(tmp_path, mlflow_store, tiny_dataset, tiny_llama):

@@ -251,3 +251,19 @@ def test_two_trainings_at_once_into_one_store(tmp_path, mlflow_store, tiny_datas
     assert first.wait(timeout=600) == 0, first.stdout.read()[-3000:]
     assert second.wait(timeout=600) == 0, second.stdout.read()[-3000:]
     assert sorted(statuses()) == ["FINISHED", "FINISHED"]
+
+
+@pytest.mark.slow
+def test_an_interrupted_sweep_ends_parent_and_child_killed(tmp_path, mlflow_store, tiny_dataset, tiny_llama):
+    command = [sys.executable, "-m", "entrypoints.sweep", "--seeds", "0,42", "--data_path", str(tiny_dataset),
+               "--base_model", tiny_llama, "--mode", "lora", "--max_steps", "400", "--eval_steps", "2",
+               "--save_steps", "2", "--output_dir", str(tmp_path / "out"), *TINY]
+    env = mlflow_env(os.environ["MLFLOW_TRACKING_URI"])
+    env["PYTHONPATH"] = str(REPO)
+    process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    _wait_for(tmp_path / "out/tinysent-lora-sweep/tinysent-lora-seed0/checkpoint-2/COMPLETE", process)
+    process.send_signal(signal.SIGINT)
+    assert process.wait(timeout=120) == 130, process.stdout.read()[-3000:]
+    runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    assert {r.data.tags.get("sweep", "child"): r.info.status for r in runs} == {"parent": "KILLED", "child": "KILLED"}
+    assert len(runs) == 2  # the second seed never started
