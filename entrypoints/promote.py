@@ -9,7 +9,9 @@ from entrypoints.common import debug_option, setup_logging, user_errors
 
 @click.command(name="promote")
 @click.option("--dataset", required=True, help="promote among the versions of textclf-<dataset>")
-@click.option("--metric", default="f1_macro", help="validation metric to rank by (never a test metric)")
+@click.option("--metric", default="f1_macro",
+              help="validation metric to rank by: f1_macro, accuracy, precision_macro, recall_macro (highest wins) "
+                   "or loss (lowest wins); never a test metric")
 @click.option("--no-stage", "no_stage", is_flag=True, help="set the alias only, leave registry stages alone")
 @click.option("--stage", type=click.BOOL, default=True, help="false: same as --no-stage (for MLproject's -P stage=false)")
 @debug_option

@@ -27,7 +27,9 @@ def train_deepspeed(num_procs: float, offload: str, deepspeed_config: str, worke
         from textclf.data import load_splits
         from textclf.deepspeed import build_deepspeed_config, launch, teardown_process_group
         from textclf.errors import TextclfError
-        from textclf.training import resolve_precision, run_training
+        from textclf import checkpoints
+        from textclf.training import already_finished, recipe_of, resolve_precision, run_training
+        from entrypoints.train import report
 
         mode = params.pop("mode") or "lora"
         config = build_config(mode=mode, **params)
@@ -38,7 +40,16 @@ def train_deepspeed(num_procs: float, offload: str, deepspeed_config: str, worke
                                      "offload": offload})
             teardown_process_group()
             return
-        load_splits(config.data)  # refuse bad data once, before any process starts
+        # Refuse bad data, and a folder of another recipe, once, before any process starts; and recognise a
+        # finished run without starting any.
+        splits = load_splits(config.data)
+        run_recipe = recipe_of(config, splits, resolve_precision(config.training.precision), deepspeed, num_procs)
+        plan = checkpoints.plan_output_dir(config.run_output_dir, config.resume, run_recipe)
+        if plan.finished is not None:
+            result = already_finished(plan.finished, config.run_output_dir)
+            tracking.discard_attached_run(f"{config.run_output_dir} had already finished as run {result.run_id}")
+            report(result)
+            return
         started_ms = int(time.time() * 1000)
         forwarded = [f"--{name}={value}" for name, value in {**params, "mode": mode}.items() if value is not None]
         forwarded += [f"--offload={offload}", f"--deepspeed_config={deepspeed_config}"] + (["--debug"] if debug else [])

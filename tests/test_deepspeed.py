@@ -94,6 +94,27 @@ def test_two_process_zero3_run_is_one_finished_run_with_a_consolidated_model(tmp
     predicted = pyfunc.predict(pd.DataFrame({"text": texts}))
     assert (predicted["score"].to_numpy() - probabilities.max(1)).max() < 1e-5
 
+    # the same command again: recognised before any process starts; nothing trained, logged or registered
+    runs_before = len(mlflow.search_runs(search_all_experiments=True, output_format="list"))  # + 2 evaluations
+    again = run_deepspeed(tmp_path, tiny_dataset, tiny_llama)
+    assert again.returncode == 0 and "already finished" in again.stdout, again.stderr[-3000:]
+    assert "torch.distributed.run" not in again.stderr
+    assert len(mlflow.search_runs(search_all_experiments=True, output_format="list")) == runs_before
+    assert len(client.search_model_versions("name = 'textclf-tinysent'")) == 1
+
+
+def test_deepspeed_refuses_a_folder_trained_without_it_in_one_line(tmp_path, mlflow_store, tiny_dataset, tiny_llama):
+    from entrypoints.train import train
+
+    plain = CliRunner().invoke(train, ["--data_path", str(tiny_dataset), "--base_model", tiny_llama,
+                                       "--output_dir", str(tmp_path / "outputs"), *ARGS])
+    assert plain.exit_code == 0, plain.output
+    done = run_deepspeed(tmp_path, tiny_dataset, tiny_llama)
+    assert done.returncode == 2, done.stderr[-3000:]
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "engine: trainer -> deepspeed" in errors[0] and "Traceback" not in done.stderr
+    assert len(mlflow.search_runs(search_all_experiments=True, output_format="list")) == 1
+
 
 def test_one_process_deepspeed_trains_the_recipe_train_trains(tmp_path, mlflow_store, tiny_dataset, tiny_llama):
     """Same data, seed and parameters (head learning rate and head-input calibration included): ZeRO-3 on one

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -18,7 +17,6 @@ from click.testing import CliRunner
 from mlflow import MlflowClient
 
 from entrypoints.predict import predict
-from entrypoints.promote import promote
 from entrypoints.sweep import sweep
 from test_mlproject import mlflow_env
 from textclf.deepspeed import free_port
@@ -71,45 +69,6 @@ def test_a_failing_seed_is_reported_and_the_rest_aggregated(mlflow_store, tiny_d
                   if r.data.tags.get("sweep") == "parent")
     assert parent.data.tags["failed_seeds"] == "13"
     assert parent.data.metrics["sweep/test_accuracy_std"] == 0.0  # one seed left
-
-
-def test_promote_picks_best_validation_and_is_idempotent(swept):
-    client = swept
-    versions = client.search_model_versions("name = 'textclf-tinysent'")
-    assert len(versions) == 2
-    # Make the choice unambiguous and different from what the test metric would pick.
-    client.set_model_version_tag("textclf-tinysent", "1", "validation_f1_macro", "0.5")
-    client.set_model_version_tag("textclf-tinysent", "1", "test_f1_macro", "0.99")
-    client.set_model_version_tag("textclf-tinysent", "2", "validation_f1_macro", "0.9")
-    client.set_model_version_tag("textclf-tinysent", "2", "test_f1_macro", "0.1")
-    first = CliRunner().invoke(promote, ["--dataset", "tinysent"], catch_exceptions=False)
-    assert first.exit_code == 0 and "version 2 is now champion" in first.output
-    second = CliRunner().invoke(promote, ["--dataset", "tinysent"], catch_exceptions=False)
-    assert "already champion (nothing changed)" in second.output
-    assert str(client.get_model_version_by_alias("textclf-tinysent", "champion").version) == "2"
-    stages = {str(v.version): v.current_stage for v in client.search_model_versions("name = 'textclf-tinysent'")}
-    assert stages["2"] == "Production"
-
-
-def test_concurrent_promotes_leave_one_champion(swept):
-    from textclf.registry import promote as promote_best
-
-    errors = []
-
-    def run():
-        try:
-            promote_best("tinysent")
-        except Exception as exc:  # noqa: BLE001
-            errors.append(exc)
-
-    threads = [threading.Thread(target=run) for _ in range(2)]
-    [t.start() for t in threads]
-    [t.join() for t in threads]
-    assert not errors
-    client = swept
-    champion = client.get_model_version_by_alias("textclf-tinysent", "champion")
-    production = [v for v in client.search_model_versions("name = 'textclf-tinysent'") if v.current_stage == "Production"]
-    assert [v.version for v in production] == [champion.version]
 
 
 def test_pyfunc_by_alias_and_bad_inputs(swept):

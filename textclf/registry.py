@@ -3,18 +3,32 @@ and promotion of the best version by validation metric (never by test) to alias 
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from dataclasses import dataclass
+import math
+import random
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Iterator
 
 import mlflow
 from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
 
+from textclf.config import BEST_METRICS
 from textclf.errors import TextclfError
 
 log = logging.getLogger(__name__)
 
 CHAMPION = "champion"
+PRODUCTION = "Production"
+LOWER_IS_BETTER = frozenset({"loss"})  # every other metric in BEST_METRICS: higher is better
+ATTEMPTS = 5  # promotions retried after a conflict with a concurrent writer
+LOCK_TIMEOUT_S = 120
+# Not a conflict: retrying cannot help.
+_FINAL_CODES = {"PERMISSION_DENIED", "UNAUTHENTICATED", "INVALID_PARAMETER_VALUE"}
 
 
 def registered_model_name(dataset: str) -> str:
@@ -22,15 +36,17 @@ def registered_model_name(dataset: str) -> str:
 
 
 def register_run_model(run_id: str, model_uri: str, config, best: dict, test: dict) -> str:
-    """Register the run's pyfunc model as a new version tagged with what promotion and users need."""
-    metric = config.training.metric_for_best
+    """Register the run's pyfunc model as a new version tagged with what promotion and users need.
+
+    Every validation metric of the selected checkpoint is tagged (``validation_<metric>``), not only
+    the one that selected it (``validation_metric``), so the version competes on any metric."""
     tags = {
         "run_id": run_id,
         "seed": str(config.seed),
         "mode": config.mode,
         "base_model": config.model.base_model,
-        "validation_metric": metric,
-        f"validation_{metric}": repr(float(best[metric])) if metric in best else "",
+        "validation_metric": config.training.metric_for_best,
+        **{f"validation_{k}": repr(float(v)) for k, v in best.items() if k != "step"},
         **{f"test_{k}": repr(float(v)) for k, v in test.items()},
     }
     version = mlflow.register_model(model_uri, registered_model_name(config.dataset_name), tags=tags)
@@ -46,44 +62,171 @@ class Promotion:
     value: float
     changed: bool
     reason: str
+    skipped: list[str] = field(default_factory=list)  # versions without a validation_<metric> tag
 
 
-def _validation_value(version: ModelVersion, metric: str) -> float | None:
-    raw = version.tags.get(f"validation_{metric}")
-    try:
-        return float(raw) if raw else None
-    except ValueError:
-        return None
+class _Conflict(Exception):
+    """The registry did not end in the state this promotion wrote: another writer was at work."""
 
 
-def promote(dataset: str, metric: str = "f1_macro", use_stage: bool = True, client: MlflowClient | None = None) -> Promotion:
-    """Point alias ``champion`` at the version with the best validation ``metric``; optionally move it
-    to stage Production (archiving the former one). Ties go to the oldest version (lowest number), so
-    repeated calls choose the same version. Raises TextclfError when there is nothing to promote."""
-    client = client or MlflowClient()
+def promote(dataset: str, metric: str = "f1_macro", use_stage: bool = True,
+            registry_uri: str | None = None) -> Promotion:
+    """Point alias ``champion`` at the version with the best validation ``metric`` (lowest ``loss``,
+    highest of the others); with ``use_stage`` also make it the one version in stage Production
+    (archiving the former one). Ties go to the oldest version (lowest number), so repeated calls
+    choose the same version and change nothing.
+
+    Safe to run concurrently: on a sqlite store promotions take a file lock beside the database;
+    on any store a write that conflicts, or a final state that is not the one written, is retried
+    after re-reading the registry.
+
+    Raises TextclfError for an unknown metric, when no version has the tag, when a version's tag is
+    not a number (the ranking would be a guess), when the tracking server cannot be reached, and
+    when concurrent writers keep changing the champion.
+    """
+    if metric not in BEST_METRICS:
+        raise TextclfError(
+            f"unknown metric {metric!r} for promote: choose one of {', '.join(BEST_METRICS)} (validation metrics)"
+        )
+    uri = registry_uri or mlflow.get_registry_uri()
+    client = MlflowClient(registry_uri=uri)
     name = registered_model_name(dataset)
-    versions = client.search_model_versions(f"name = '{name}'")
-    candidates = [(v, _validation_value(v, metric)) for v in versions]
-    candidates = [(v, value) for v, value in candidates if value is not None]
-    if not candidates:
-        raise TextclfError(f"registered model {name!r} has no version with a validation_{metric} tag to promote")
-    best, value = min(candidates, key=lambda item: (-item[1], int(item[0].version)))
     try:
-        current = client.get_model_version_by_alias(name, CHAMPION)
-    except mlflow.exceptions.MlflowException:
-        current = None
-    changed = current is None or current.version != best.version
-    client.set_registered_model_alias(name, CHAMPION, best.version)
-    if use_stage and best.current_stage != "Production":
-        import warnings
+        with _serialized(uri):
+            for attempt in range(1, ATTEMPTS + 1):
+                try:
+                    return _promote_once(client, name, metric, use_stage)
+                except (MlflowException, _Conflict) as exc:
+                    if attempt == ATTEMPTS or not _retryable(exc):
+                        raise
+                    log.warning("promotion of %s conflicted with another writer (%s); retrying",
+                                name, str(exc).splitlines()[0][:200])
+                    time.sleep(0.2 * attempt + random.random() * 0.3)
+    except _Conflict as exc:
+        raise TextclfError(f"could not promote in {name!r}: {exc} (after {ATTEMPTS} attempts)") from exc
+    except MlflowException as exc:
+        cause = _connection_error(exc)
+        if cause is None:
+            raise
+        raise TextclfError(
+            f"cannot reach the tracking server at {uri} ({type(cause).__name__}); start it or set "
+            "MLFLOW_TRACKING_URI to a running one"
+        ) from exc
+    raise AssertionError("unreachable")  # pragma: no cover
 
+
+def _promote_once(client: MlflowClient, name: str, metric: str, use_stage: bool) -> Promotion:
+    versions = sorted(client.search_model_versions(f"name = '{name}'"), key=lambda v: int(v.version))
+    candidates, skipped = _rank(versions, name, metric)
+    best, value = candidates[0]
+    version = str(best.version)
+    aliases = client.get_registered_model(name).aliases
+    alias_moves = str(aliases.get(CHAMPION)) != version
+    if alias_moves:
+        client.set_registered_model_alias(name, CHAMPION, version)
+    stage_moves = use_stage and [str(v.version) for v in versions if v.current_stage == PRODUCTION] != [version]
+    if stage_moves:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # stages are deprecated, still used by many UIs
-            client.transition_model_version_stage(name, best.version, "Production", archive_existing_versions=True)
-    runner_up = sorted((val for v, val in candidates if v.version != best.version), reverse=True)
+            client.transition_model_version_stage(name, version, PRODUCTION, archive_existing_versions=True)
+    _confirm(client, name, version, use_stage)
+    n = len(candidates)
     reason = (
-        f"version {best.version} (run {best.run_id}, seed {best.tags.get('seed')}) has the best validation "
-        f"{metric} = {value:.4f} among {len(candidates)} versions"
-        + (f"; next best {runner_up[0]:.4f}" if runner_up else "")
+        f"version {version} (run {_run_id(best)}, seed {best.tags.get('seed')}) has the best validation {metric} "
+        f"= {value:.4f} ({'lower' if metric in LOWER_IS_BETTER else 'higher'} is better) "
+        f"among {n} version{'' if n == 1 else 's'}"
+        + (f"; next best {candidates[1][1]:.4f}" if n > 1 else "")
+        + (f"; skipped version{'' if len(skipped) == 1 else 's'} {', '.join(skipped)} (no validation_{metric} tag)"
+           if skipped else "")
     )
-    return Promotion(name, str(best.version), best.run_id, metric, value, changed, reason)
+    return Promotion(name, version, _run_id(best), metric, value, alias_moves or bool(stage_moves), reason, skipped)
+
+
+def _rank(versions: list[ModelVersion], name: str, metric: str) -> tuple[list[tuple[ModelVersion, float]], list[str]]:
+    """Candidates best first (ties: lowest version number) and the versions without the tag.
+
+    A tag that is present but not a finite number is refused rather than skipped: that version may
+    well be the best one, and crowning another in silence would be a wrong promotion nobody sees."""
+    tag = f"validation_{metric}"
+    candidates, skipped = [], []
+    for version in versions:
+        raw = version.tags.get(tag)
+        if raw is None or raw.strip() == "":
+            skipped.append(str(version.version))
+            continue
+        try:
+            value = float(raw)
+        except ValueError:
+            value = math.nan
+        if not math.isfinite(value):
+            raise TextclfError(
+                f"cannot rank {name!r} by validation {metric}: version {version.version} has tag {tag} = {raw!r}, "
+                f"not a finite number; set it to the right value (MlflowClient().set_model_version_tag) or delete "
+                f"the tag to leave that version out"
+            )
+        candidates.append((version, value))
+    if not candidates:
+        raise TextclfError(f"registered model {name!r} has no version with a {tag} tag to promote")
+    if skipped:
+        log.warning("%s: versions %s have no %s tag and are not candidates", name, ", ".join(skipped), tag)
+    sign = 1.0 if metric in LOWER_IS_BETTER else -1.0
+    candidates.sort(key=lambda item: (sign * item[1], int(item[0].version)))
+    return candidates, skipped
+
+
+def _confirm(client: MlflowClient, name: str, version: str, use_stage: bool) -> None:
+    """Re-read the registry: the alias (and the one Production version) must be what was written."""
+    champion = str(client.get_registered_model(name).aliases.get(CHAMPION))
+    if champion != version:
+        raise _Conflict(f"alias {CHAMPION} points at version {champion}, expected {version}")
+    if use_stage:
+        production = [str(v.version) for v in client.search_model_versions(f"name = '{name}'")
+                      if v.current_stage == PRODUCTION]
+        if production != [version]:
+            raise _Conflict(f"versions in stage {PRODUCTION}: {production or 'none'}, expected only {version}")
+
+
+def _run_id(version: ModelVersion) -> str:
+    return version.tags.get("run_id") or version.run_id
+
+
+def _retryable(exc: BaseException) -> bool:
+    if isinstance(exc, _Conflict):
+        return True
+    return _connection_error(exc) is None and getattr(exc, "error_code", None) not in _FINAL_CODES
+
+
+def _connection_error(exc: BaseException) -> BaseException | None:
+    """The requests connection error or timeout behind an MlflowException, if any."""
+    import requests
+
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, (requests.exceptions.ConnectionError, requests.exceptions.Timeout)):
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+@contextlib.contextmanager
+def _serialized(uri: str) -> Iterator[None]:
+    """On a sqlite store, one promotion at a time: concurrent writers of alias ``champion`` collide on
+    its unique key. Same lock file as :func:`textclf.tracking.store_lock` (not imported: that module
+    pulls in torch, seconds for a registry call), so a promotion also waits for a first contact that
+    is creating the database. Any other store relies on the retry in :func:`promote`."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    from filelock import FileLock, Timeout
+
+    path = uri[len("sqlite:///"):].split("?", 1)[0] + ".lock"
+    try:
+        lock = FileLock(path, timeout=LOCK_TIMEOUT_S)
+        lock.acquire()
+    except Timeout:
+        raise TextclfError(f"another promotion has held {path} for over {LOCK_TIMEOUT_S} s; try again") from None
+    try:
+        yield
+    finally:
+        lock.release()

@@ -283,11 +283,13 @@ def restore_finished_training(trainer: Trainer, model, checkpoint: Path, partiti
     log.info("%s is the last step of the schedule: nothing left to train; best checkpoint %s", checkpoint, best.name)
 
 
-def recipe_of(config: RunConfig, splits: LabeledSplits, precision: str, deepspeed: dict | None) -> dict[str, str]:
-    """What determines the training in this folder: parameters, engine, precision and the data's content."""
+def recipe_of(config: RunConfig, splits: LabeledSplits, precision: str, deepspeed: dict | None,
+              world_size: int | None = None) -> dict[str, str]:
+    """What determines the training in this folder: parameters, engine, precision and the data's content.
+    ``world_size`` defaults to this process's (the launcher, before its processes exist, passes it)."""
     engine = {"engine": "trainer", "world_size": 1}
     if deepspeed is not None:
-        engine = {"engine": "deepspeed", "world_size": os.environ.get("WORLD_SIZE", "1"),
+        engine = {"engine": "deepspeed", "world_size": world_size or os.environ.get("WORLD_SIZE", "1"),
                   "deepspeed_config": json.dumps(deepspeed, sort_keys=True)}
     return checkpoints.recipe(flatten(config), resolved_precision=precision, **engine, **data_digests(splits))
 
