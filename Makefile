@@ -16,7 +16,7 @@ DEMO := -P mode=lora -P dataset=sst2 -P max_samples=320 -P epochs=1 -P eval_step
         -P max_eval_samples=100 -P max_test_samples=300 -P calibration_samples=64 -P head_learning_rate=1e-3 \
         -P warmup_ratio=0.1 -P run_name=sst2-lora-demo -P resume=false
 
-.PHONY: install train test test-all bench bench-accuracy clean-runs
+.PHONY: install train test test-fast bench bench-accuracy clean-runs
 
 install: $(VENV)/.installed $(DEFAULT_MODEL)/model.safetensors
 
@@ -35,8 +35,13 @@ train: install
 	rm -rf outputs/sst2-lora-demo
 	mlflow run . -e train $(DEMO) --env-manager local --experiment-name textclf-sst2
 
+# Everything, as CI runs it (about 15 min on 2 cores).
 test: install
 	$(PY) -m pytest -q
+
+# What a developer runs between edits (under 3 min): everything not marked slow.
+test-fast: install
+	$(PY) -m pytest -q -m "not slow"
 
 # Side-by-side speed ratios on this machine (about 10 min on 2 cores); writes bench-results/bench.json.
 bench: install

@@ -24,6 +24,24 @@ def promote(dataset: str, metric: str, no_stage: bool, stage: bool, debug: bool)
         result = promote_best(dataset, metric=metric, use_stage=stage and not no_stage)
         state = "now champion" if result.changed else "already champion (nothing changed)"
         click.echo(f"{result.name} version {result.version} is {state}: {result.reason}")
+        record_in_mlflow_run(result)
+
+
+def record_in_mlflow_run(result) -> None:
+    """Under `mlflow run`, which creates a run for every command, that run records the decision."""
+    import os
+
+    run_id = os.environ.get("MLFLOW_RUN_ID")
+    if not run_id:
+        return
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    for key, value in {"promote.model": result.name, "promote.metric": result.metric,
+                       "promote.version": result.version, "promote.run_id": result.run_id}.items():
+        client.log_param(run_id, key, value)
+    client.set_tag(run_id, "promote.reason", result.reason[:5000])
+    client.set_tag(run_id, "promote.changed", str(result.changed).lower())
 
 
 if __name__ == "__main__":

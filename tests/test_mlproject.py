@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -42,6 +44,63 @@ def test_mlflow_run_train_end_to_end(tmp_path, mlflow_store, tiny_dataset, tiny_
     assert len(client.get_metric_history(run.info.run_id, "train/loss")) >= 3
     assert "test/accuracy" in run.data.metrics
     assert client.get_model_version("textclf-tinysent", "1").run_id == run.info.run_id
+    assert run.info.run_name == "tinysent-lora-seed0"  # not MLflow's random name
+
+    # The same command again: the finished run is recognised; MLflow's new, empty run is deleted, not left behind.
+    again = subprocess.run(command, cwd=tmp_path, env=mlflow_env(mlflow_store), capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "already finished" in again.stdout + again.stderr
+    # textclf deletes MLflow's duplicate once `mlflow run` has exited (see textclf/project_run.py)
+    assert eventually(lambda: [r.info.run_id for r in client.search_runs([experiment.experiment_id])] == [run.info.run_id])
+    assert len(client.search_model_versions("name = 'textclf-tinysent'")) == 1
+
+
+def eventually(condition, timeout: float = 60) -> bool:
+    deadline = time.time() + timeout
+    while not condition():
+        if time.time() > deadline:
+            return False
+        time.sleep(0.5)
+    return True
+
+
+@pytest.mark.slow
+def test_an_interrupted_sweep_under_mlflow_run_ends_killed(tmp_path, mlflow_store, tiny_dataset, tiny_llama):
+    command = [
+        str(Path(sys.executable).parent / "mlflow"), "run", str(REPO), "-e", "sweep", "--env-manager", "local",
+        "--experiment-name", "textclf-tinysent", "-P", f"data_path={tiny_dataset}", "-P", f"base_model={tiny_llama}",
+        "-P", "seeds=0,42", "-P", "max_steps=400", "-P", "eval_steps=2", "-P", "save_steps=2", "-P", "precision=fp32",
+        "-P", f"output_dir={tmp_path / 'outputs'}", "-P", "max_length=128",
+    ]
+    process = subprocess.Popen(command, cwd=tmp_path, env=mlflow_env(mlflow_store), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)
+    checkpoint = tmp_path / "outputs/tinysent-lora-sweep/tinysent-lora-seed0/checkpoint-2/COMPLETE"
+    assert eventually(lambda: checkpoint.exists() or process.poll() is not None, timeout=300), "no checkpoint"
+    assert process.poll() is None, process.stderr.read()[-3000:]
+    process.send_signal(signal.SIGINT)  # Ctrl-C on `mlflow run`, which then stops its command with SIGTERM
+    process.wait(timeout=120)
+    client = MlflowClient()
+
+    def statuses():
+        runs = client.search_runs([client.get_experiment_by_name("textclf-tinysent").experiment_id])
+        return {r.data.tags.get("sweep", "child"): r.info.status for r in runs}
+
+    assert eventually(lambda: statuses() == {"parent": "KILLED", "child": "KILLED"}), statuses()
+
+
+@pytest.mark.slow
+def test_mlflow_run_with_bad_data_fails_its_run_with_the_reason(tmp_path, mlflow_store, tiny_llama):
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "train.jsonl").write_text("{not json\n")
+    command = [str(Path(sys.executable).parent / "mlflow"), "run", str(REPO), "-e", "train", "--env-manager", "local",
+               "--experiment-name", "textclf-broken", "-P", f"data_path={tmp_path / 'broken'}",
+               "-P", f"base_model={tiny_llama}"]
+    done = subprocess.run(command, cwd=tmp_path, env=mlflow_env(mlflow_store), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 1  # `mlflow run` itself exits 1 when its command fails (our command exits 2)
+    assert "error: " in done.stderr and "invalid JSON on line 1" in done.stderr and "Traceback (most recent" not in done.stderr.split("error: ")[0]
+    client = MlflowClient()
+    [run] = client.search_runs([client.get_experiment_by_name("textclf-broken").experiment_id])
+    assert run.info.status == "FAILED" and "invalid JSON on line 1" in run.data.tags["error"]
 
 
 @pytest.mark.parametrize("entry_point, module", [("train", "train"), ("main", "train"), ("evaluate", "evaluate"),

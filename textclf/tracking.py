@@ -108,6 +108,10 @@ def tracked_run(
             yield run
     except (TrainingInterrupted, KeyboardInterrupt) as exc:
         _end_with_error("KILLED", exc)
+        if attach:
+            from textclf.project_run import finish_after_mlflow_run
+
+            finish_after_mlflow_run(run.info.run_id, status="KILLED")  # `mlflow run` would mark it FAILED
         raise
     except BaseException as exc:
         _end_with_error("FAILED", exc)
@@ -122,16 +126,15 @@ def attached_run_id() -> str | None:
 
 
 def discard_attached_run(reason: str) -> None:
-    """End and delete the empty run `mlflow run` created, when the command had nothing to do (its run
-    already finished): the experiment keeps one run per training. Ending it first keeps `mlflow run`
-    from marking it itself."""
+    """Delete the empty run `mlflow run` created when the command had nothing to do (its run had already
+    finished), once `mlflow run` has exited: the experiment keeps one run per training."""
+    from textclf.project_run import finish_after_mlflow_run
+
     run_id = attached_run_id()
     if run_id is None or not is_main_process():
         return
-    client = mlflow.MlflowClient()
-    client.set_tag(run_id, "textclf.discarded", reason[:5000])
-    client.set_terminated(run_id, "FINISHED")
-    client.delete_run(run_id)
+    mlflow.MlflowClient().set_tag(run_id, "textclf.discarded", reason[:5000])
+    finish_after_mlflow_run(run_id, delete=True)
 
 
 def fail_attached_run(message: str) -> None:
