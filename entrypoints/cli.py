@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from entrypoints.baseline import baseline
 from entrypoints.evaluate import evaluate
 from entrypoints.predict import predict
 from entrypoints.promote import promote
@@ -23,6 +24,7 @@ main.add_command(sweep)
 main.add_command(promote)
 main.add_command(predict)
 main.add_command(train_deepspeed)
+main.add_command(baseline)
 
 if __name__ == "__main__":
     main()

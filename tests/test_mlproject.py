@@ -75,7 +75,7 @@ def test_an_interrupted_sweep_under_mlflow_run_ends_killed(tmp_path, mlflow_stor
     process = subprocess.Popen(command, cwd=tmp_path, env=mlflow_env(mlflow_store), stdout=subprocess.DEVNULL,
                                stderr=subprocess.PIPE, text=True)
     checkpoint = tmp_path / "outputs/tinysent-lora-sweep/tinysent-lora-seed0/checkpoint-2/COMPLETE"
-    assert eventually(lambda: checkpoint.exists() or process.poll() is not None, timeout=300), "no checkpoint"
+    assert eventually(lambda: checkpoint.exists() or process.poll() is not None, timeout=600), "no checkpoint"
     assert process.poll() is None, process.stderr.read()[-3000:]
     process.send_signal(signal.SIGINT)  # Ctrl-C on `mlflow run`, which then stops its command with SIGTERM
     process.wait(timeout=120)
@@ -105,7 +105,7 @@ def test_mlflow_run_with_bad_data_fails_its_run_with_the_reason(tmp_path, mlflow
 
 @pytest.mark.parametrize("entry_point, module", [("train", "train"), ("main", "train"), ("evaluate", "evaluate"),
                                                  ("sweep", "sweep"), ("promote", "promote"),
-                                                 ("train_deepspeed", "train_deepspeed")])
+                                                 ("train_deepspeed", "train_deepspeed"), ("baseline", "baseline")])
 def test_every_mlproject_parameter_reaches_its_click_option(entry_point, module):
     """A parameter missing from the command line would be accepted by `mlflow run` and silently ignored."""
     import importlib

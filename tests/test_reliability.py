@@ -183,6 +183,10 @@ def test_existing_checkpoints_are_not_overwritten_without_resume(mlflow_store, t
     checkpoint = Path("outputs/tinysent-lora-seed42/checkpoint-2/model.safetensors")
     before = checkpoint.stat().st_mtime_ns
     result = invoke(*args, "--resume", "false")
+    assert_clean_refusal(result, "holds finished run")
+    assert checkpoint.stat().st_mtime_ns == before
+    Path("outputs/tinysent-lora-seed42/finished_run.json").unlink()  # as if it had died after its checkpoint
+    result = invoke(*args, "--resume", "false")
     assert_clean_refusal(result, "already holds checkpoints (checkpoint-2)")
     assert checkpoint.stat().st_mtime_ns == before
 

@@ -174,3 +174,15 @@ def test_group_by_length_does_not_change_evaluation_of_a_checkpoint(mlflow_store
     metrics = trainer.evaluate()
     for name, value in expected.items():
         assert metrics[f"eval_{name}"] == pytest.approx(value), name
+
+
+def test_runs_record_system_metrics_and_versions_describe_themselves(mlflow_store, tiny_dataset, tiny_llama,
+                                                                     monkeypatch):
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.5")
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLES_BEFORE_LOGGING", "1")
+    run_id = run_train("--data_path", str(tiny_dataset), "--base_model", tiny_llama, "--seed", "0", *FAST)
+    metrics = MlflowClient().get_run(run_id).data.metrics
+    assert "system/cpu_utilization_percentage" in metrics and "system/system_memory_usage_megabytes" in metrics
+    description = MlflowClient().get_model_version("textclf-tinysent", "1").description
+    assert "lora fine-tune of" in description and "seed 0" in description and run_id in description
+    assert 'models:/textclf-tinysent/1' in description and "test: accuracy" in description

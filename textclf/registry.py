@@ -49,8 +49,27 @@ def register_run_model(run_id: str, model_uri: str, config, best: dict, test: di
         **{f"validation_{k}": repr(float(v)) for k, v in best.items() if k != "step"},
         **{f"test_{k}": repr(float(v)) for k, v in test.items()},
     }
-    version = mlflow.register_model(model_uri, registered_model_name(config.dataset_name), tags=tags)
+    name = registered_model_name(config.dataset_name)
+    version = mlflow.register_model(model_uri, name, tags=tags)
+    MlflowClient().update_model_version(name, version.version,
+                                        description=model_card(name, str(version.version), run_id, config, best, test))
     return str(version.version)
+
+
+def model_card(name: str, version: str, run_id: str, config, best: dict, test: dict) -> str:
+    """The version's description in the registry UI: what it is, how well it does, how to load it."""
+    def table(metrics: dict) -> str:
+        return ", ".join(f"{k} {float(v):.4f}" for k, v in metrics.items() if k != "step") or "n/a"
+
+    return (
+        f"**{name} version {version}**: a {config.mode} fine-tune of `{config.model.base_model}` on "
+        f"`{config.dataset_name}`, seed {config.seed}, from run `{run_id}`.\n\n"
+        f"- validation (selected checkpoint, by {config.training.metric_for_best}): {table(best)}\n"
+        f"- test: {table(test)}\n\n"
+        f"Load: `mlflow.pyfunc.load_model(\"models:/{name}/{version}\").predict(pd.DataFrame({{\"text\": [...]}}))` "
+        f"returns label, label_id, score and prob_<class> per text. "
+        f"Serve: `mlflow models serve -m models:/{name}/{version} --env-manager local`."
+    )
 
 
 @dataclass

@@ -72,7 +72,7 @@ class TextClassifierPyfunc(mlflow.pyfunc.PythonModel):
         from textclf.model import load_classifier
 
         model, tokenizer = load_classifier(context.artifacts["model_dir"])
-        self.predictor = Predictor(model, tokenizer, batch_size=DEFAULT_BATCH_SIZE)
+        self.predictor = Predictor(model.to(serving_device()), tokenizer, batch_size=DEFAULT_BATCH_SIZE)
 
     def predict(self, context, model_input, params: dict[str, Any] | None = None) -> pd.DataFrame:
         """Raises MlflowException (INVALID_PARAMETER_VALUE) on bad input: the scoring server answers it
@@ -89,8 +89,12 @@ class TextClassifierPyfunc(mlflow.pyfunc.PythonModel):
         return output_frame(self.predictor.predict_proba(texts), label_names)
 
 
-def log_model(model_dir: Path, label_names: list[str], example_texts: list[str]) -> str:
-    """Log the saved model folder as the pyfunc model ``model``; return its model URI."""
+def log_model(model_dir: Path, label_names: list[str], example_texts: list[str],
+              python_model: mlflow.pyfunc.PythonModel | None = None) -> str:
+    """Log the saved model folder as the pyfunc model ``model``; return its model URI.
+
+    ``python_model`` (default :class:`TextClassifierPyfunc`) reads the folder from artifact ``model_dir``
+    and must give the same output frame; the zero-shot baseline passes its own."""
     from mlflow.models import ModelSignature, infer_signature
     from mlflow.types import ParamSchema, ParamSpec
 
@@ -109,7 +113,7 @@ def log_model(model_dir: Path, label_names: list[str], example_texts: list[str])
     )
     info = mlflow.pyfunc.log_model(
         name="model",
-        python_model=TextClassifierPyfunc(),
+        python_model=python_model or TextClassifierPyfunc(),
         artifacts={"model_dir": str(model_dir)},
         code_paths=[str(PACKAGE_DIR)],
         signature=signature,
@@ -119,10 +123,23 @@ def log_model(model_dir: Path, label_names: list[str], example_texts: list[str])
     return info.model_uri
 
 
+def serving_device() -> str:
+    """Where a loaded model predicts: the GPU when there is one (TEXTCLF_DEVICE=cpu forces the CPU)."""
+    import os
+
+    import torch
+
+    return os.environ.get("TEXTCLF_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def pip_requirements() -> list[str]:
     """The serving environment, stated rather than inferred (inference loads the model: slow)."""
-    from importlib.metadata import version
+    from importlib.metadata import PackageNotFoundError, version
 
     names = ["torch", "transformers", "tokenizers", "safetensors", "peft", "pandas", "numpy", "scikit-learn",
-             "matplotlib", "pyarrow", "tqdm", "datasets", "mlflow"]
-    return [f"{name}=={version(name)}" for name in names]
+             "matplotlib", "pyarrow", "tqdm", "datasets"]
+    try:
+        tracking = f"mlflow=={version('mlflow')}"
+    except PackageNotFoundError:  # a machine with only mlflow-skinny (a GPU box without the full package)
+        tracking = f"mlflow-skinny=={version('mlflow-skinny')}"
+    return [f"{name}=={version(name)}" for name in names] + [tracking]

@@ -97,7 +97,10 @@ def tracked_run(
     with store_lock():
         if not attach and not nested:
             mlflow.set_experiment(experiment_name)
-    run = mlflow.start_run(run_name=None if attach else run_name, nested=nested)
+    # System metrics (CPU, memory, GPU where present) fill the run page's "System metrics" tab; MLflow's own
+    # switch MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING=false turns them off.
+    system_metrics = None if "MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING" in os.environ else True
+    run = mlflow.start_run(run_name=None if attach else run_name, nested=nested, log_system_metrics=system_metrics)
     if attach and run.info.experiment_id == "0":
         log.warning("this run is in MLflow's Default experiment: pass --experiment-name %s to `mlflow run` "
                     "to file it with the others", experiment_name)
@@ -173,8 +176,9 @@ def end_dead_runs(output_dir: str) -> list[str]:
     checked from here), are left alone. Returns the ids of the runs ended."""
     if not is_main_process():
         return []
-    runs = mlflow.search_runs(search_all_experiments=True, output_format="list",
-                              filter_string=f"tags.output_dir = '{output_dir}' and attributes.status = 'RUNNING'")
+    with store_lock():  # may be the first contact with a new store
+        runs = mlflow.search_runs(search_all_experiments=True, output_format="list",
+                                  filter_string=f"tags.output_dir = '{output_dir}' and attributes.status = 'RUNNING'")
     client = mlflow.MlflowClient()
     ended = []
     for run in runs:
