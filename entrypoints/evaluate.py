@@ -27,7 +27,7 @@ def evaluate(model_uri: str, data_path: str, text_column: str, label_column: str
         max_test_samples = int(max_test_samples) if max_test_samples else None
         batch_size = int(batch_size)
         from textclf.data import load_test_split
-        from textclf.evaluation import write_test_artifacts
+        from textclf.evaluation import log_misclassified, write_test_artifacts
         from textclf.inference import Predictor
         from textclf.model_sources import load_model_source
         from textclf import tracking
@@ -52,6 +52,7 @@ def evaluate(model_uri: str, data_path: str, text_column: str, label_column: str
                 metrics = write_test_artifacts(Path(tmp), test["text"].tolist(), test["label"].tolist(),
                                                probabilities, names)
                 mlflow.log_artifacts(tmp, artifact_path="test")
+            log_misclassified(test["text"].tolist(), test["label"].tolist(), probabilities, names)
             tracking.log_metrics({f"test/{k}": v for k, v in metrics.items()})
             click.echo(f"run {run.info.run_id}: " + ", ".join(f"test {k}={v:.4f}" for k, v in metrics.items()))
 

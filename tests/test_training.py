@@ -100,6 +100,9 @@ def test_best_checkpoint_is_selected_and_survives_the_limit(mlflow_store, tiny_d
     logged = pd.read_parquet(client.download_artifacts(run_id, "test/predictions.parquet", "."))
     loaded = load_model_source(str(best_checkpoint))
     assert loaded.kind == "Trainer checkpoint"
+    # the checkpoint holds no temperature (it is fitted after training): apply the logged one
+    temperature = client.get_run(run_id).data.metrics.get("calibration/temperature", 1.0)
+    loaded.model.spec.extra["temperature"] = temperature
     scores = Predictor(loaded.model, loaded.tokenizer).predict_proba(logged["text"].tolist()).max(axis=1)
     assert abs(scores - logged["score"].to_numpy()).max() < 1e-5
 

@@ -98,6 +98,7 @@ class TrainingConfig:
     gradient_checkpointing: bool = False
     precision: str = "auto"
     group_by_length: bool = True
+    calibrate: bool = True  # fit a softmax temperature on validation after training (textclf.calibration)
 
 
 @dataclass(frozen=True)

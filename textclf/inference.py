@@ -12,12 +12,17 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from textclf.calibration import TEMPERATURE_KEY, softmax
 from textclf.encoding import PromptEncoder, batches_by_length, pad_batch
 from textclf.model import TextClassifier
 
 
 class Predictor:
-    """Class probabilities for raw texts, in input order, ``batch_size`` texts per forward pass."""
+    """Class probabilities for raw texts, in input order, ``batch_size`` texts per forward pass.
+
+    Probabilities are softmax(logits / T) with the temperature T fitted after training and kept in the
+    model's spec (``spec.extra["temperature"]``, see textclf.calibration); a model without one has T = 1.
+    """
 
     def __init__(self, model: TextClassifier, tokenizer, batch_size: int = 32, progress: bool = False):
         self.model = model.eval()
@@ -48,6 +53,9 @@ class Predictor:
             logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             yield indices, logits.float().cpu().numpy()
 
+    @property
+    def temperature(self) -> float:
+        return float((getattr(self.spec, "extra", None) or {}).get(TEMPERATURE_KEY, 1.0))
+
     def predict_proba(self, texts: Sequence[str]) -> np.ndarray:
-        logits = self.logits(list(texts))
-        return torch.softmax(torch.from_numpy(logits), dim=-1).numpy()
+        return softmax(self.logits(list(texts)), self.temperature)

@@ -219,7 +219,7 @@ def run_training(
                               "data/train_mean_tokens": float(np.mean(train_encoded.lengths))})
         if config.model.calibration_samples:
             calibrate_head(model, encoder, splits.train["text"], config.model.calibration_samples, config.seed,
-                           partitioned=deepspeed is not None)
+                           args.device, partitioned=deepspeed is not None)
         if config.training.gradient_checkpointing:
             model.gradient_checkpointing_enable()
         evaluation_state: dict[str, Any] = {}
@@ -370,21 +370,27 @@ def parameter_groups(model, learning_rate: float, head_learning_rate: float, wei
             for (head, decayed), params in sorted(groups.items())]
 
 
-def calibrate_head(model, encoder: PromptEncoder, texts, count: int, seed: int, partitioned: bool = False) -> None:
-    """Standardize the head's input on ``count`` training rows (the same rows on every rank).
+def calibrate_head(model, encoder: PromptEncoder, texts, count: int, seed: int, device: torch.device,
+                   partitioned: bool = False) -> None:
+    """Standardize the head's input on ``count`` training rows (the same rows on every rank), on the
+    training device (the Trainer would move the model there anyway).
 
-    Under ZeRO-3 (``partitioned``) each rank holds a slice of the backbone's weights: they are gathered
-    for these few forward passes, as DeepSpeed documents for using a model outside its engine.
+    Under ZeRO-3 (``partitioned``) each rank holds a slice of the backbone's weights, already on its
+    device: they are gathered for these few forward passes, as DeepSpeed documents for using a model
+    outside its engine.
     """
     sample = texts.sample(n=min(count, len(texts)), random_state=seed).tolist()
     encoded = encoder.encode(sample)
-    batches = [pad_batch(encoder.tokenizer, [encoded.input_ids[i] for i in indices])
+    batches = [{k: v.to(device) for k, v in pad_batch(encoder.tokenizer, [encoded.input_ids[i] for i in indices]).items()}
                for indices in batches_by_length(encoded.lengths, 16)]
     gathered = contextlib.nullcontext()
     if partitioned:
         import deepspeed
 
+        model.head.to(device)
         gathered = deepspeed.zero.GatheredParameters(list(model.backbone.parameters()), modifier_rank=None)
+    else:
+        model.to(device)
     with gathered:
         rows = model.calibrate(batches)
     log.info("head input standardized on %d training rows", rows)
@@ -454,26 +460,44 @@ def consolidate(trainer: Trainer, model, tokenizer, folder: Path):
 
 
 def _finish(config, trainer, model, tokenizer, splits, best, run, output_dir: Path) -> TrainingResult:
-    """Save the selected model, test it, log it as the pyfunc model, and register it (rank 0 only)."""
+    """Calibrate the selected model's scores on validation, save it, test it, log it as the pyfunc model,
+    and register it (rank 0 only)."""
+    from textclf.calibration import TEMPERATURE_KEY, calibrate, softmax
+    from textclf.evaluation import log_misclassified
+
     result = TrainingResult(run.info.run_id if run else None, output_dir / "model", best, {})
     if not trainer.is_world_process_zero():
         return result
     model = model.float().eval()
+    predictor = Predictor(model, tokenizer, batch_size=config.training.eval_batch_size, progress=True)
+    fitted = None
+    model.spec.extra.pop(TEMPERATURE_KEY, None)
+    if config.training.calibrate and len(splits.validation):
+        # Fitted before saving: the temperature travels in the saved folder's spec, so every later
+        # prediction (pyfunc, evaluate, predict) is calibrated. It never changes a label.
+        fitted = calibrate(predictor.logits(splits.validation["text"].tolist()), splits.validation["label"].to_numpy())
+        model.spec.extra[TEMPERATURE_KEY] = fitted.temperature
+        log.info("temperature %.4f: validation ECE %.4f -> %.4f", fitted.temperature, fitted.ece_before, fitted.ece_after)
+        if run is not None:
+            tracking.log_metrics({"calibration/temperature": fitted.temperature,
+                                  "calibration/validation_ece_before": fitted.ece_before,
+                                  "calibration/validation_ece_after": fitted.ece_after})
     staging = output_dir / "model.partial"
     shutil.rmtree(staging, ignore_errors=True)
     save_classifier(model, tokenizer, staging)
     shutil.rmtree(result.model_dir, ignore_errors=True)
     staging.rename(result.model_dir)
     if splits.test is not None:
-        predictor = Predictor(model, tokenizer, batch_size=config.training.eval_batch_size, progress=True)
-        probabilities = predictor.predict_proba(splits.test["text"].tolist())
+        texts, labels = splits.test["text"].tolist(), splits.test["label"].tolist()
+        logits = predictor.logits(texts)
+        probabilities = softmax(logits, predictor.temperature)  # = predictor.predict_proba(texts), one pass
         test_dir = output_dir / "test"
-        result.test_metrics = write_test_artifacts(
-            test_dir, splits.test["text"].tolist(), splits.test["label"].tolist(), probabilities, splits.label_names
-        )
+        result.test_metrics = write_test_artifacts(test_dir, texts, labels, probabilities, splits.label_names,
+                                                   uncalibrated=softmax(logits) if fitted else None)
         if run is not None:
             tracking.log_metrics({f"test/{k}": v for k, v in result.test_metrics.items()})
             mlflow.log_artifacts(str(test_dir), artifact_path="test")
+            log_misclassified(texts, labels, probabilities, splits.label_names)
     if run is not None:
         result.model_uri = serving.log_model(result.model_dir, splits.label_names, splits.validation["text"].tolist())
         if config.register:
