@@ -11,21 +11,29 @@ from entrypoints.common import debug_option, setup_logging, training_options, us
 
 
 @click.command(name="train_deepspeed")
-@click.option("--num_procs", type=float, default=2, help="processes (one per GPU; on CPU, 1 or 2 with gloo)")
+@click.option("--num_procs", type=float, default=2, help="processes on this machine (one per GPU; on CPU, 1 or 2 with gloo)")
+@click.option("--num_nodes", type=float, default=1, help="machines taking part; start this command on each of them")
+@click.option("--node_rank", type=float, default=0, help="this machine's rank, 0 to num_nodes-1 (0 talks to MLflow)")
+@click.option("--master_addr", default="127.0.0.1", help="address of the node_rank 0 machine, reachable from all")
+@click.option("--master_port", type=float, default=0, help="a free port on the node_rank 0 machine (0: pick one; "
+              "required with num_nodes > 1)")
 @click.option("--offload", default="none", help="none or cpu: offload optimizer state and parameters to CPU")
 @click.option("--deepspeed_config", default="", help="a DeepSpeed JSON file that replaces the built config")
 @click.option("--worker", is_flag=True, hidden=True, help="set by the launcher in each process")
 @training_options
 @debug_option
-def train_deepspeed(num_procs: float, offload: str, deepspeed_config: str, worker: bool, debug: bool, **params) -> None:
-    """Launch NUM_PROCS processes that train with ZeRO-3; rank 0 logs one MLflow run and the consolidated model."""
+def train_deepspeed(num_procs: float, num_nodes: float, node_rank: float, master_addr: str, master_port: float,
+                    offload: str, deepspeed_config: str, worker: bool, debug: bool, **params) -> None:
+    """Launch NUM_PROCS processes on each of NUM_NODES machines that train with ZeRO-3; global rank 0 logs one
+    MLflow run and the consolidated model."""
     setup_logging()
-    num_procs = int(num_procs)  # MLproject passes numbers as floats
+    # MLproject passes numbers as floats
+    num_procs, num_nodes, node_rank, master_port = int(num_procs), int(num_nodes), int(node_rank), int(master_port)
     with user_errors(debug):
         from textclf import tracking
         from textclf.config import build_config
         from textclf.data import load_splits
-        from textclf.deepspeed import build_deepspeed_config, launch, teardown_process_group
+        from textclf.deepspeed import Nodes, build_deepspeed_config, launch, teardown_process_group
         from textclf.errors import TextclfError
         from textclf import checkpoints
         from textclf.training import already_finished, recipe_of, resolve_precision, run_training
@@ -42,18 +50,23 @@ def train_deepspeed(num_procs: float, offload: str, deepspeed_config: str, worke
             return
         # Refuse bad data, and a folder of another recipe, once, before any process starts; and recognise a
         # finished run without starting any.
+        nodes = Nodes(num_nodes, node_rank, master_addr, master_port)
         splits = load_splits(config.data)
-        run_recipe = recipe_of(config, splits, resolve_precision(config.training.precision), deepspeed, num_procs)
+        run_recipe = recipe_of(config, splits, resolve_precision(config.training.precision), deepspeed,
+                               num_procs * num_nodes)
         plan = checkpoints.plan_output_dir(config.run_output_dir, config.resume, run_recipe)
         if plan.finished is not None:
             result = already_finished(plan.finished, config.run_output_dir)
-            tracking.discard_attached_run(f"{config.run_output_dir} had already finished as run {result.run_id}")
+            if nodes.is_main:
+                tracking.discard_attached_run(f"{config.run_output_dir} had already finished as run {result.run_id}")
             report(result)
             return
         started_ms = int(time.time() * 1000)
         forwarded = [f"--{name}={value}" for name, value in {**params, "mode": mode}.items() if value is not None]
         forwarded += [f"--offload={offload}", f"--deepspeed_config={deepspeed_config}"] + (["--debug"] if debug else [])
-        code = launch(num_procs, forwarded)
+        code = launch(num_procs, forwarded, nodes)
+        if code != 0 and not nodes.is_main:  # only the node of global rank 0 talks to MLflow
+            raise TextclfError(f"DeepSpeed training failed on node {node_rank} (exit code {code})")
         if code != 0:
             failed = tracking.end_stale_runs(
                 config.experiment_name, str(config.run_output_dir.resolve()), status="FAILED",
@@ -62,7 +75,7 @@ def train_deepspeed(num_procs: float, offload: str, deepspeed_config: str, worke
             )
             raise TextclfError(f"DeepSpeed training failed on at least one of {num_procs} processes (exit code {code})"
                                + (f"; run {', '.join(failed)} marked FAILED" if failed else ""))
-        click.echo(f"DeepSpeed training finished on {num_procs} processes")
+        click.echo(f"DeepSpeed training finished on {num_procs} processes" + (f" x {num_nodes} nodes" if num_nodes > 1 else ""))
 
 
 if __name__ == "__main__":

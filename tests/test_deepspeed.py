@@ -153,3 +153,45 @@ def test_fp16_on_cpu_is_refused_before_launch(tmp_path, mlflow_store, tiny_datas
     done = run_deepspeed(tmp_path, tiny_dataset, tiny_llama, "--precision", "fp16")
     assert done.returncode == 2 and "fp16 needs a CUDA GPU" in done.stderr
     assert mlflow.search_runs(search_all_experiments=True, output_format="list") == []
+
+
+def test_two_nodes_train_like_one_node_with_two_processes(tmp_path, mlflow_store, tiny_dataset, tiny_llama):
+    """Two launchers on one host, each its own node of one process, meet through torchrun's rendezvous on
+    loopback: one MLflow run (global rank 0), and the consolidated weights of a one-node, two-process run."""
+    from safetensors.torch import load_file
+
+    from textclf.deepspeed import free_port
+
+    one_node = run_deepspeed(tmp_path, tiny_dataset, tiny_llama, "--run_name", "one-node")
+    assert one_node.returncode == 0, one_node.stderr[-3000:]
+    env = mlflow_env(os.environ["MLFLOW_TRACKING_URI"])
+    env["PYTHONPATH"] = str(REPO)
+    port = str(free_port())
+    launchers = [subprocess.Popen(
+        [sys.executable, "-m", "entrypoints.train_deepspeed", "--num_procs", "1", "--num_nodes", "2", "--node_rank",
+         str(rank), "--master_addr", "127.0.0.1", "--master_port", port, "--data_path", str(tiny_dataset),
+         "--base_model", tiny_llama, "--output_dir", str(tmp_path / "outputs"), "--run_name", "two-nodes", *ARGS],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
+    outputs = [launcher.communicate(timeout=900)[0] for launcher in launchers]
+    assert [launcher.returncode for launcher in launchers] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    runs = {r.info.run_name: r for r in mlflow.search_runs(search_all_experiments=True, output_format="list")}
+    assert sorted(runs) == ["one-node", "two-nodes"]  # node 1 logged nothing
+    assert runs["two-nodes"].data.params["deepspeed.world_size"] == "2"
+    assert runs["two-nodes"].info.status == "FINISHED"
+    a = load_file(str(tmp_path / "outputs/one-node/consolidated/model.safetensors"))
+    b = load_file(str(tmp_path / "outputs/two-nodes/consolidated/model.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch_allclose(a[key], b[key]), key
+
+
+def torch_allclose(x, y) -> bool:
+    import torch
+
+    return bool(torch.allclose(x.float(), y.float(), atol=1e-6))
+
+
+def test_several_nodes_need_a_master_port(tmp_path, mlflow_store, tiny_dataset, tiny_llama):
+    done = run_deepspeed(tmp_path, tiny_dataset, tiny_llama, "--num_nodes", "2")
+    assert done.returncode == 2 and "master_port is required with num_nodes > 1" in done.stderr
+    assert mlflow.search_runs(search_all_experiments=True, output_format="list") == []

@@ -11,6 +11,7 @@ import os
 import socket
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from textclf.errors import TextclfError
@@ -49,17 +50,42 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def launch(num_procs: int, worker_args: list[str]) -> int:
+@dataclass(frozen=True)
+class Nodes:
+    """The machines of a run: torchrun's static rendezvous (every node starts the same command with its rank)."""
+
+    count: int = 1
+    rank: int = 0
+    master_addr: str = "127.0.0.1"
+    master_port: int = 0  # 0: a free port, only possible on one node
+
+    def __post_init__(self):
+        if self.count < 1:
+            raise TextclfError(f"num_nodes must be at least 1, got {self.count}")
+        if not 0 <= self.rank < self.count:
+            raise TextclfError(f"node_rank must be in [0, {self.count}), got {self.rank}")
+        if self.count > 1 and not self.master_port:
+            raise TextclfError("master_port is required with num_nodes > 1: the same free port of the node_rank 0 "
+                               "machine on every node")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def launch(num_procs: int, worker_args: list[str], nodes: Nodes = Nodes()) -> int:
     """Run ``python -m entrypoints.train_deepspeed --worker ...`` on ``num_procs`` local processes with
-    torchrun (gloo on CPU, NCCL on GPUs); return its exit code. torchrun stops every rank when one fails."""
+    torchrun (gloo on CPU, NCCL on GPUs), as node ``nodes.rank`` of ``nodes.count``; return its exit code.
+    torchrun stops every rank when one fails."""
     if num_procs < 1:
         raise TextclfError(f"num_procs must be at least 1, got {num_procs}")
     command = [
-        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={num_procs}", "--nnodes=1",
-        "--master_addr=127.0.0.1", f"--master_port={free_port()}",
+        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={num_procs}", f"--nnodes={nodes.count}",
+        f"--node_rank={nodes.rank}", f"--master_addr={nodes.master_addr}",
+        f"--master_port={nodes.master_port or free_port()}",
         "-m", "entrypoints.train_deepspeed", "--worker", *worker_args,
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // num_procs)))}
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // num_procs))}
     return subprocess.call(command, env=env)
 
 
