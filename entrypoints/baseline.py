@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from entrypoints.common import debug_option, setup_logging, user_errors
+from entrypoints.common import COMMAND_SETTINGS, debug_option, setup_logging, user_errors
 
 
 def _int_or_none(name: str, value: str | float | None) -> int | None:
@@ -26,7 +26,7 @@ def _or(value, default):
     return default if value is None else value
 
 
-@click.command(name="baseline")
+@click.command(name="baseline", context_settings=COMMAND_SETTINGS)
 @click.option("--dataset", default="sst2", help="shipped dataset: sst2 or r8")
 @click.option("--data_path", default="", help="folder with train/dev/test files; overrides dataset")
 @click.option("--text_column", default="", help="column holding the text (default: detected)")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from entrypoints.baseline import baseline
+from entrypoints.common import COMMAND_SETTINGS
 from entrypoints.evaluate import evaluate
 from entrypoints.predict import predict
 from entrypoints.promote import promote
@@ -13,7 +14,8 @@ from entrypoints.train import train
 from entrypoints.train_deepspeed import train_deepspeed
 
 
-@click.group()
+@click.group(context_settings=COMMAND_SETTINGS)
+@click.version_option(package_name="textclf", prog_name="textclf")
 def main() -> None:
     """Fine-tune LLM text classifiers, tracked in MLflow."""
 

@@ -4,6 +4,7 @@ logging setup, and turning user errors into one clear line and a non-zero exit."
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import sys
@@ -55,6 +56,7 @@ TRAINING_OPTIONS: list[tuple[str, Any, str]] = [
     ("gradient_checkpointing", click.BOOL, "recompute activations to save memory"),
     ("precision", str, "auto, fp32, bf16 or fp16; auto: bf16 where fast, else fp32"),
     ("group_by_length", click.BOOL, "batch rows of similar length together"),
+    ("calibrate", click.BOOL, "fit a temperature on validation after training so that scores are calibrated"),
     ("output_dir", str, "checkpoints and the final model go to <output_dir>/<run_name>/"),
     ("run_name", str, "default <dataset>-<mode>-seed<seed>"),
     ("register", click.BOOL, "register the model in the MLflow model registry"),
@@ -67,11 +69,35 @@ def _empty_is_none(_ctx, _param, value):
     return None if value == "" else value
 
 
+def _dashes_to_underscores(name: str) -> str:
+    return name.replace("-", "_")
+
+
+# Every command: `--batch-size` and `--batch_size` alike (the MLproject names use underscores), and
+# defaults shown in --help.
+COMMAND_SETTINGS = {"token_normalize_func": _dashes_to_underscores, "show_default": True}
+
+
 def training_options(function: Callable) -> Callable:
     for name, kind, help_text in reversed(TRAINING_OPTIONS):
         function = click.option(f"--{name}", type=_Lenient(kind), default=None, callback=_empty_is_none,
-                                help=help_text)(function)
+                                help=f"{help_text} {_default_of(name)}")(function)
     return function
+
+
+def _default_of(name: str) -> str:
+    """``[preset: full 2e-05, lora 0.0005]`` or ``[default: 512]``: what an option left out means."""
+    from textclf.config import MODE_PRESETS, DataConfig, ModelConfig, RunConfig, TrainingConfig
+
+    presets = {mode: values[name] for mode, values in MODE_PRESETS.items() if name in values}
+    if presets:
+        return "[preset: " + ", ".join(f"{mode} {value}" for mode, value in presets.items()) + "]"
+    for section in (RunConfig, DataConfig, ModelConfig, TrainingConfig):
+        field = next((f for f in dataclasses.fields(section) if f.name == name), None)
+        if field is not None and field.default is not dataclasses.MISSING and field.default is not None:
+            shown = str(field.default)
+            return f"[default: {shown if len(shown) <= 40 else shown[:37] + '...'}]"
+    return ""
 
 
 class _Lenient(click.ParamType):
@@ -95,13 +121,22 @@ def setup_logging() -> None:
     for noisy in ("urllib3", "filelock", "alembic", "mlflow.store", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from textclf.console import quiet_library_noise
+
+    quiet_library_noise()
 
 
 @contextlib.contextmanager
 def user_errors(debug: bool = False):
-    """Print a TextclfError as one line and exit 2; an interrupt exits 130. ``debug`` keeps tracebacks."""
+    """Print a TextclfError as one line and exit 2; an interrupt exits 130. ``debug`` keeps tracebacks.
+
+    A tracking server's refusal (HTTP 401/403: wrong password, no permission) is a TextclfError too
+    (textclf.server_errors), so it is one line that names the server and the user, never the password."""
+    from textclf.server_errors import server_refusals
+
     try:
-        yield
+        with server_refusals():
+            yield
     except TextclfError as exc:
         from textclf.tracking import fail_attached_run
 

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import click
 
-from entrypoints.common import debug_option, setup_logging, user_errors
+from entrypoints.common import COMMAND_SETTINGS, debug_option, setup_logging, user_errors
 
 
-@click.command(name="evaluate")
+@click.command(name="evaluate", context_settings=COMMAND_SETTINGS)
 @click.option("--model_uri", required=True, help="models:/ or runs:/ URI, a saved model folder or a checkpoint")
 @click.option("--data_path", required=True, help="a data folder with a test split, or one file")
 @click.option("--text_column", default="", help="column holding the text (default: detected)")

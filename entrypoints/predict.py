@@ -6,12 +6,12 @@ from pathlib import Path
 
 import click
 
-from entrypoints.common import debug_option, setup_logging, user_errors
+from entrypoints.common import COMMAND_SETTINGS, debug_option, setup_logging, user_errors
 
 WRITERS = {".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".parquet": "parquet"}
 
 
-@click.command(name="predict")
+@click.command(name="predict", context_settings=COMMAND_SETTINGS)
 @click.option("--model", "model_uri", required=True, help="models:/ or runs:/ URI, a saved model folder or a checkpoint")
 @click.option("--input", "input_path", required=True, help="a .jsonl, .json, .csv or .parquet file with a text column")
 @click.option("--output", "output_path", required=True, help="where to write predictions (.jsonl, .csv or .parquet)")
@@ -56,7 +56,7 @@ def predict(model_uri: str, input_path: str, output_path: str, batch_size: int, 
         else:
             result.to_parquet(partial, index=False)
         partial.replace(target)
-        click.echo(f"{len(result)} predictions written to {target}", err=True)
+        click.echo(f"{len(result)} prediction{'' if len(result) == 1 else 's'} written to {target}", err=True)
 
 
 if __name__ == "__main__":

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import click
 
-from entrypoints.common import debug_option, setup_logging, user_errors
+from entrypoints.common import COMMAND_SETTINGS, debug_option, setup_logging, user_errors
 
 
-@click.command(name="promote")
+@click.command(name="promote", context_settings=COMMAND_SETTINGS)
 @click.option("--dataset", required=True, help="promote among the versions of textclf-<dataset>")
 @click.option("--metric", default="f1_macro",
               help="validation metric to rank by: f1_macro, accuracy, precision_macro, recall_macro (highest wins) "

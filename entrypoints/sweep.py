@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import click
 
-from entrypoints.common import debug_option, setup_logging, training_options, user_errors
+from entrypoints.common import COMMAND_SETTINGS, debug_option, setup_logging, training_options, user_errors
 
 
-@click.command(name="sweep")
+@click.command(name="sweep", context_settings=COMMAND_SETTINGS)
 @click.option("--seeds", default="", help="comma-separated seeds (default 0,42,123)")
 @training_options
 @debug_option

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import click
 
-from entrypoints.common import debug_option, setup_logging, training_options, user_errors
+from entrypoints.common import COMMAND_SETTINGS, debug_option, setup_logging, training_options, user_errors
 
 
-@click.command(name="train")
+@click.command(name="train", context_settings=COMMAND_SETTINGS)
 @training_options
 @debug_option
 def train(debug: bool, **params) -> None:

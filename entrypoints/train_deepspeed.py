@@ -7,10 +7,10 @@ import time
 
 import click
 
-from entrypoints.common import debug_option, setup_logging, training_options, user_errors
+from entrypoints.common import COMMAND_SETTINGS, debug_option, setup_logging, training_options, user_errors
 
 
-@click.command(name="train_deepspeed")
+@click.command(name="train_deepspeed", context_settings=COMMAND_SETTINGS)
 @click.option("--num_procs", type=float, default=2, help="processes on this machine (one per GPU; on CPU, 1 or 2 with gloo)")
 @click.option("--num_nodes", type=float, default=1, help="machines taking part; start this command on each of them")
 @click.option("--node_rank", type=float, default=0, help="this machine's rank, 0 to num_nodes-1 (0 talks to MLflow)")

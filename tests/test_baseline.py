@@ -23,7 +23,7 @@ from textclf.inference import Predictor
 
 NAMES = ["Negative", "Positive"]
 TEST_ARTIFACTS = {"confusion_matrix.png", "confusion_matrix.json", "classification_report.json", "test_results.json",
-                  "test_summary.txt", "predictions.parquet"}
+                  "test_summary.txt", "predictions.parquet", "per_class_metrics.png", "reliability_diagram.png"}
 
 
 @pytest.fixture

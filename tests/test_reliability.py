@@ -271,3 +271,26 @@ def test_an_interrupted_sweep_ends_parent_and_child_killed(tmp_path, mlflow_stor
     runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
     assert {r.data.tags.get("sweep", "child"): r.info.status for r in runs} == {"parent": "KILLED", "child": "KILLED"}
     assert len(runs) == 2  # the second seed never started
+
+
+def test_the_console_names_options_either_way_and_says_the_version(mlflow_store, tiny_dataset):
+    from entrypoints.cli import main
+
+    dashed = invoke("--data-path", str(tiny_dataset), "--batch-size", "0")
+    assert_clean_refusal(dashed, "batch_size must be a positive integer, got 0")
+    version = CliRunner().invoke(main, ["--version"])
+    assert version.exit_code == 0 and "textclf, version" in version.output
+    shown = " ".join(CliRunner().invoke(main, ["train", "--help"]).output.split())
+    assert "[preset: full 2e-05, lora 0.0005]" in shown and "[default: 512]" in shown
+
+
+@pytest.mark.slow
+def test_a_training_prints_no_library_noise(tmp_path, mlflow_store, tiny_dataset, tiny_llama):
+    process = _train_process(tmp_path, tiny_dataset, tiny_llama, tmp_path / "out", max_steps="4")
+    output, _ = process.communicate(timeout=600)
+    assert process.returncode == 0, output[-3000:]
+    for noise in ("Warning:", "[A", "Setting accelerator to CPU", "Add type hints", "can be interpreted in multiple",
+                  "mtime may not be reliable", "Writing model shards", "Loading weights"):
+        assert noise not in output, noise
+    assert "step 2: validation" in output
+    assert output.strip().splitlines()[-1].startswith("model: runs:/") or "model: " in output.strip().splitlines()[-1]

@@ -42,7 +42,7 @@ from transformers.modeling_outputs import SequenceClassifierOutput
 from textclf.config import DEFAULT_BASE_MODEL, DEFAULT_PROMPT_TEMPLATE, SHIPPED_DATASETS, DataConfig
 from textclf.encoding import format_prompt, prepare_tokenizer
 from textclf.errors import TextclfError
-from textclf.evaluation import classification_metrics, write_test_artifacts
+from textclf.evaluation import classification_metrics, log_misclassified, write_test_artifacts
 from textclf.model import ENCODER_TYPES, ClassifierSpec, load_tokenizer, resolve_model_path
 from textclf.serving import DEFAULT_BATCH_SIZE, TextClassifierPyfunc
 
@@ -309,6 +309,7 @@ def run_baseline(config: BaselineConfig) -> BaselineResult:
         with tempfile.TemporaryDirectory() as tmp:
             test_metrics = write_test_artifacts(Path(tmp), texts, labels, probabilities, splits.label_names)
             mlflow.log_artifacts(tmp, artifact_path="test")
+        log_misclassified(texts, labels, probabilities, splits.label_names)
         tracking.log_metrics({**{f"test/{k}": v for k, v in test_metrics.items()}, "test/runtime_seconds": seconds,
                               "test/samples_per_second": len(texts) / max(seconds, 1e-9)})
         validation_metrics: dict[str, float] = {}

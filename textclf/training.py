@@ -22,9 +22,11 @@ import numpy as np
 import pandas as pd
 import torch
 from transformers import DataCollatorWithPadding, Trainer, TrainerCallback, TrainingArguments, set_seed
+from transformers.trainer_callback import ProgressCallback
 
 from textclf import checkpoints
 from textclf.config import RunConfig, flatten
+from textclf.console import ConsoleProgress
 from textclf.data import LabeledSplits, load_splits
 from textclf.encoding import PromptEncoder, batches_by_length, pad_batch
 from textclf.dropout import use_fast_cpu_dropout
@@ -240,6 +242,8 @@ def run_training(
         if resume_from and checkpoint_ended_training(resume_from):
             restore_finished_training(trainer, model, resume_from, deepspeed is not None)
         else:
+            trainer.remove_callback(ProgressCallback)
+            trainer.add_callback(ConsoleProgress())
             with tracking.deferred_interrupts():
                 trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
         best = _best_validation_metrics(trainer)
