@@ -10,6 +10,7 @@ from entrypoints.evaluate import evaluate
 from entrypoints.predict import predict
 from entrypoints.promote import promote
 from entrypoints.sweep import sweep
+from entrypoints.sync import sync
 from entrypoints.train import train
 from entrypoints.train_deepspeed import train_deepspeed
 
@@ -27,6 +28,7 @@ main.add_command(promote)
 main.add_command(predict)
 main.add_command(train_deepspeed)
 main.add_command(baseline)
+main.add_command(sync)
 
 if __name__ == "__main__":
     main()

@@ -27,6 +27,9 @@ def report(result) -> None:
         click.echo(f"already finished: {result.model_dir.parent} holds run {result.run_id}; nothing was trained, "
                    "logged or registered (choose another run_name to train again)")
     click.echo(f"run {result.run_id}: best validation {_fmt(result.best_metrics)}; test {_fmt(result.test_metrics)}")
+    if result.offline_records:
+        click.echo(f"the tracking server was unreachable: run {result.run_id}'s records are in {result.offline_records}; "
+                   f"upload them with `textclf sync {result.offline_records.parent}` once it is back", err=True)
     if result.registered_version:
         click.echo(f"model: models:/{result.registered_model}/{result.registered_version} ({result.model_uri})")
     else:

@@ -172,6 +172,12 @@ def build_config(mode: str = "lora", **overrides: Any) -> RunConfig:
     return config
 
 
+def run_config_from_dict(values: dict[str, Any]) -> RunConfig:
+    """The inverse of ``RunConfig.to_dict`` (a config read back from config.json or a journal)."""
+    sections = {"data": DataConfig, "model": ModelConfig, "training": TrainingConfig}
+    return RunConfig(**{k: sections[k](**v) if k in sections else v for k, v in values.items()})
+
+
 def parse_seed(value: Any) -> int:
     """An integer seed from an int or a string such as "42" (MLproject passes strings)."""
     try:

@@ -26,6 +26,7 @@ from transformers import TrainerCallback
 
 from textclf.config import RunConfig, flatten
 from textclf.errors import TextclfError, TrainingInterrupted
+from textclf.offline import OfflineRecords, connection_error
 from textclf.evaluation import write_confusion
 
 log = logging.getLogger(__name__)
@@ -81,12 +82,14 @@ def interrupts_raise() -> Iterator[None]:
 
 @contextlib.contextmanager
 def tracked_run(
-    experiment_name: str, run_name: str, tags: dict[str, str], nested: bool = False
+    experiment_name: str, run_name: str, tags: dict[str, str], nested: bool = False, offline_dir: Path | None = None
 ) -> Iterator[mlflow.ActiveRun | None]:
     """Start (or attach to, under ``mlflow run``) the run; end it FINISHED, FAILED or KILLED.
 
     ``nested`` starts a child of the active run (a sweep's seed). An exception ends the run FAILED
     with the error as tag ``error``; SIGINT/SIGTERM ends it KILLED. The exception is re-raised.
+    With ``offline_dir``, a tracking server that becomes unreachable does not stop the run: its records go
+    to ``offline_dir`` (textclf.offline) until `textclf sync` uploads them.
     On ranks other than 0, yields None and logs nothing.
     """
     if not is_main_process():
@@ -106,6 +109,8 @@ def tracked_run(
                     "to file it with the others", experiment_name)
     # Also under `mlflow run`, which named the run itself (randomly): the name is the one the user asked for.
     mlflow.set_tags({**tags, **process_tags(), "mlflow.runName": run_name})
+    outer_records = _Offline.records
+    _Offline.records = OfflineRecords(offline_dir, run.info.run_id) if offline_dir is not None else None
     try:
         with interrupts_raise():
             yield run
@@ -120,7 +125,66 @@ def tracked_run(
         _end_with_error("FAILED", exc)
         raise
     else:
-        mlflow.end_run("FINISHED")
+        _end("FINISHED")
+    finally:
+        _Offline.records = outer_records
+
+
+class _Offline:
+    """The journal of the run being tracked in this process (None: a server that fails stops the run)."""
+
+    records: OfflineRecords | None = None
+
+
+def offline_records() -> OfflineRecords | None:
+    return _Offline.records
+
+
+def _call(op: str, online, **payload):
+    """``online()``, or its record in the offline journal once the tracking server is unreachable."""
+    records = _Offline.records
+    return online() if records is None else records.call(op, online, **payload)
+
+
+def keep_or_call(op: str, online, **payload):
+    """``online()``; once the tracking server is unreachable, ``op`` and ``payload`` kept for `textclf sync`
+    (then returns None). Without an offline journal (not a training run), just ``online()``."""
+    return _call(op, online, **payload)
+
+
+def _end(status: str) -> None:
+    records = _Offline.records
+    if records is not None and records.active:
+        records.add("end", status=status)
+        with contextlib.suppress(Exception):  # pops MLflow's active run; the server cannot be told
+            mlflow.end_run(status)
+        return
+    _call("end", lambda: mlflow.end_run(status), status=status)
+
+
+def log_artifacts(local_path: str | Path, artifact_path: str | None = None) -> None:
+    """Log a file or a folder's files as artifacts of the active run (kept on disk while offline)."""
+    records = _Offline.records
+    local_path = Path(local_path)
+    upload = (lambda: mlflow.log_artifacts(str(local_path), artifact_path)) if local_path.is_dir() else (
+        lambda: mlflow.log_artifact(str(local_path), artifact_path))
+    if records is None:
+        upload()
+        return
+    if not records.active:
+        try:
+            upload()
+            return
+        except Exception as exc:  # noqa: BLE001 - see OfflineRecords.call
+            if connection_error(exc) is None:
+                raise
+            records.go_offline(exc)
+    records.add_files(local_path, artifact_path)
+
+
+def is_offline() -> bool:
+    records = _Offline.records
+    return records is not None and records.active
 
 
 def attached_run_id() -> str | None:
@@ -239,8 +303,9 @@ def store_lock() -> Iterator[None]:
 def _end_with_error(status: str, exc: BaseException) -> None:
     message = str(exc) or type(exc).__name__
     with contextlib.suppress(Exception):
-        mlflow.set_tag("error", f"{type(exc).__name__}: {message}"[:5000])
-    mlflow.end_run(status)
+        error = f"{type(exc).__name__}: {message}"[:5000]
+        _call("tags", lambda: mlflow.set_tag("error", error), tags={"error": error})
+    _end(status)
 
 
 def log_config(config: RunConfig) -> None:
@@ -256,7 +321,7 @@ def log_dataset(frame: pd.DataFrame, source: str, name: str, context: str) -> No
 def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
     finite = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)}
     if finite and is_main_process():
-        mlflow.log_metrics(finite, step=step)
+        _call("metrics", lambda: mlflow.log_metrics(finite, step=step), metrics=finite, step=step)
 
 
 def peak_memory_mb() -> float:
@@ -322,4 +387,4 @@ class MlflowTrainingCallback(TrainerCallback):
         with tempfile.TemporaryDirectory() as tmp:
             for path in write_confusion(latest, Path(tmp) / f"confusion_matrix_step_{state.global_step}",
                                         f"validation, step {state.global_step}"):
-                mlflow.log_artifact(str(path), artifact_path="eval")
+                log_artifacts(path, artifact_path="eval")

@@ -24,7 +24,7 @@ import torch
 from transformers import DataCollatorWithPadding, Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.trainer_callback import ProgressCallback
 
-from textclf import checkpoints
+from textclf import checkpoints, offline
 from textclf.config import RunConfig, flatten
 from textclf.console import ConsoleProgress
 from textclf.data import LabeledSplits, load_splits
@@ -50,6 +50,7 @@ class TrainingResult:
     registered_model: str | None = None
     registered_version: str | None = None
     already_finished: bool = False  # the folder's run had finished earlier: nothing was trained now
+    offline_records: Path | None = None  # records kept on disk while the tracking server was unreachable
 
 
 def cpu_has_fast_bf16() -> bool:
@@ -195,7 +196,8 @@ def run_training(
     ended = tracking.end_dead_runs(tags["output_dir"])
     if ended and resume_from:
         tags["resumes_runs"] = ",".join(ended)
-    with tracking.tracked_run(config.experiment_name, config.default_run_name, tags, nested=nested) as run:
+    with tracking.tracked_run(config.experiment_name, config.default_run_name, tags, nested=nested,
+                              offline_dir=output_dir) as run:
         if run is not None:
             _log_run_inputs(config, splits, precision, resume_from)
             if deepspeed is not None:
@@ -251,6 +253,8 @@ def run_training(
         if deepspeed is not None:
             model = consolidate(trainer, model, tokenizer, output_dir / "consolidated")
         result = _finish(config, trainer, model, tokenizer, splits, best, run, output_dir)
+    if offline.pending(output_dir):
+        result.offline_records = output_dir / offline.FOLDER
     if run is not None:
         checkpoints.record_finished(
             output_dir, run_recipe, run_id=result.run_id, experiment_id=run.info.experiment_id,
@@ -500,14 +504,20 @@ def _finish(config, trainer, model, tokenizer, splits, best, run, output_dir: Pa
                                                    uncalibrated=softmax(logits) if fitted else None)
         if run is not None:
             tracking.log_metrics({f"test/{k}": v for k, v in result.test_metrics.items()})
-            mlflow.log_artifacts(str(test_dir), artifact_path="test")
-            log_misclassified(texts, labels, probabilities, splits.label_names)
+            tracking.log_artifacts(test_dir, artifact_path="test")
+            tracking.keep_or_call("misclassified", lambda: log_misclassified(texts, labels, probabilities, splits.label_names),
+                                  predictions=str(test_dir / "predictions.parquet"), label_names=splits.label_names)
     if run is not None:
-        result.model_uri = serving.log_model(result.model_dir, splits.label_names, splits.validation["text"].tolist())
+        examples = splits.validation["text"].tolist()[:3]
+        result.model_uri = tracking.keep_or_call(
+            "model", lambda: serving.log_model(result.model_dir, splits.label_names, examples),
+            model_dir=str(result.model_dir.resolve()), label_names=splits.label_names, examples=examples)
         if config.register:
             from textclf.registry import register_run_model, registered_model_name
 
-            result.registered_version = register_run_model(run.info.run_id, result.model_uri, config, best, result.test_metrics)
             result.registered_model = registered_model_name(config.dataset_name)
+            result.registered_version = tracking.keep_or_call(
+                "register", lambda: register_run_model(run.info.run_id, result.model_uri, config, best, result.test_metrics),
+                config=config.to_dict(), best=best, test=result.test_metrics)
     log.info("best validation %s; test %s", best, result.test_metrics)
     return result
