@@ -15,6 +15,17 @@ REPO = Path(__file__).resolve().parent.parent
 SST2 = REPO / "data" / "datasets" / "sst2" / "data"
 
 
+# Tests that train a model (they ask for a dataset to train on) take seconds to minutes each: `slow`, so
+# that `make test-fast` (everything else) stays under 3 minutes. Other long tests are marked where they are.
+TRAINING_FIXTURES = {"tiny_dataset", "named_dataset", "swept", "trained"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if TRAINING_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture
 def mlflow_store(tmp_path, monkeypatch):
     """A real MLflow store (sqlite + artifacts) in a temp folder, which is also the working folder."""

@@ -23,7 +23,8 @@ from textclf.inference import Predictor
 
 NAMES = ["Negative", "Positive"]
 TEST_ARTIFACTS = {"confusion_matrix.png", "confusion_matrix.json", "classification_report.json", "test_results.json",
-                  "test_summary.txt", "predictions.parquet", "per_class_metrics.png", "reliability_diagram.png"}
+                  "test_summary.txt", "predictions.parquet", "per_class_metrics.png", "reliability_diagram.png",
+                  "misclassified.json"}
 
 
 @pytest.fixture
@@ -60,6 +61,7 @@ def reference_scores(model, tokenizer, text: str) -> torch.Tensor:
     return torch.stack(scores)
 
 
+@pytest.mark.slow
 def test_batched_scores_equal_an_unbatched_forward_over_prompt_and_class_tokens(tiny_llama):
     # One-token names, multi-token names, and two names that share their first token.
     names = ["Negative", "Positive", "the", "a joy to watch", "a dull mess"]

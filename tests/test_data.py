@@ -49,6 +49,7 @@ def _dataset_digests(run_id: str) -> dict[str, str]:
     return digests
 
 
+@pytest.mark.slow
 def test_validation_split_does_not_depend_on_training_seed(tmp_path, mlflow_store, tiny_llama):
     # Without a dev split, validation is carved from train; it must be the same rows for every
     # training seed, or seeds would be compared (and promoted) on different data.

@@ -162,6 +162,7 @@ def _env(tmp_path: Path, uri: str) -> dict[str, str]:
             "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
 
 
+@pytest.mark.slow
 def test_an_unreachable_tracking_server_is_one_line_and_exit_2(tmp_path):
     uri = f"http://127.0.0.1:{_closed_port()}"
     done = subprocess.run([sys.executable, "-m", "entrypoints.promote", "--dataset", "tinysent"],
@@ -177,6 +178,7 @@ _NO_LOCK = ("import contextlib, textclf.registry as r; r._serialized = lambda ur
             "from entrypoints.promote import promote; promote()")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("locked", [True, False], ids=["file-lock", "retry-only"])
 def test_concurrent_promotes_leave_one_champion(add_version, mlflow_store, tmp_path, locked):
     client = MlflowClient()

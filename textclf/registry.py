@@ -19,6 +19,7 @@ from mlflow.exceptions import MlflowException
 
 from textclf.config import BEST_METRICS
 from textclf.errors import TextclfError
+from textclf.offline import connection_error
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +125,7 @@ def promote(dataset: str, metric: str = "f1_macro", use_stage: bool = True,
     except _Conflict as exc:
         raise TextclfError(f"could not promote in {name!r}: {exc} (after {ATTEMPTS} attempts)") from exc
     except MlflowException as exc:
-        cause = _connection_error(exc)
+        cause = connection_error(exc)
         if cause is None:
             raise
         raise TextclfError(
@@ -212,20 +213,7 @@ def _run_id(version: ModelVersion) -> str:
 def _retryable(exc: BaseException) -> bool:
     if isinstance(exc, _Conflict):
         return True
-    return _connection_error(exc) is None and getattr(exc, "error_code", None) not in _FINAL_CODES
-
-
-def _connection_error(exc: BaseException) -> BaseException | None:
-    """The requests connection error or timeout behind an MlflowException, if any."""
-    import requests
-
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        if isinstance(exc, (requests.exceptions.ConnectionError, requests.exceptions.Timeout)):
-            return exc
-        exc = exc.__cause__ or exc.__context__
-    return None
+    return connection_error(exc) is None and getattr(exc, "error_code", None) not in _FINAL_CODES
 
 
 @contextlib.contextmanager
