@@ -266,3 +266,13 @@ def test_stratified_validation_with_more_classes_than_held_out_rows_falls_back(t
     assert "not stratified" in note
     again = load_splits(DataConfig(data_path=str(folder)))
     assert again.validation.equals(splits.validation)  # still the fixed split seed
+
+
+def test_a_custom_data_run_does_not_record_a_shipped_dataset(tmp_path):
+    """MLproject always passes dataset=sst2; with data_path the run must not log that it used SST-2."""
+    from textclf.config import build_config, flatten
+
+    config = build_config("lora", dataset="sst2", data_path=str(tmp_path / "reviews"))
+    assert config.data.dataset is None and config.dataset_name == "reviews"
+    assert flatten(config)["data.dataset"] == "None"
+    assert build_config("lora", dataset="r8").dataset_name == "r8"
