@@ -178,9 +178,8 @@ def workload(team_server, dataset, tiny_llama, tmp_path_factory) -> Workload:
                              *train_args(dataset, tiny_llama)))
     for done in finish(*processes):
         assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
-    # Alias only: MLflow 3.17's archive_existing_versions fails on PostgreSQL (see the xfail test below).
-    promotions = finish(*[command(team_server, root / f"promote{i}", "alice", "promote", "--dataset", "tinysent",
-                                  "--no-stage") for i in range(2)])
+    promotions = finish(*[command(team_server, root / f"promote{i}", "alice", "promote", "--dataset", "tinysent")
+                          for i in range(2)])
     with logged_in("admin"):
         found = team_server.client().search_runs([team_server.experiment_id], max_results=100)
     return Workload(clients, {run.data.tags["mlflow.runName"]: run for run in found}, promotions)
@@ -336,9 +335,6 @@ def test_refusals_by_the_server_are_one_line_and_leave_nothing(team_server, work
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="MLflow 3.17.2 on PostgreSQL: transition_model_version_stage("
-                   "archive_existing_versions=True) fails with 'operator does not exist: integer <> character "
-                   "varying' (mlflow/mlflow#24592); textclf.registry must archive the former version itself")
 def test_promote_with_registry_stages_works_on_postgresql(team_server, workload, tmp_path):
     (done,) = finish(command(team_server, tmp_path, "alice", "promote", "--dataset", "tinysent"))
     assert done.returncode == 0, done.stderr[-3000:]

@@ -148,7 +148,13 @@ def _promote_once(client: MlflowClient, name: str, metric: str, use_stage: bool)
     if stage_moves:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # stages are deprecated, still used by many UIs
-            client.transition_model_version_stage(name, version, PRODUCTION, archive_existing_versions=True)
+            # Archived one by one rather than with archive_existing_versions=True, which MLflow 3.17.2 breaks on
+            # PostgreSQL ("operator does not exist: integer <> character varying", mlflow/mlflow#24592).
+            # _confirm and the retry cover the moment two versions are in Production.
+            client.transition_model_version_stage(name, version, PRODUCTION, archive_existing_versions=False)
+            for other in versions:
+                if str(other.version) != version and other.current_stage == PRODUCTION:
+                    client.transition_model_version_stage(name, other.version, "Archived")
     _confirm(client, name, version, use_stage)
     n = len(candidates)
     reason = (
