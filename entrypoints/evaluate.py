@@ -24,8 +24,10 @@ def evaluate(model_uri: str, data_path: str, text_column: str, label_column: str
     """Evaluate MODEL_URI on the test split of DATA_PATH; log test metrics and artifacts to MLflow."""
     setup_logging()
     with user_errors(debug):
-        max_test_samples = int(max_test_samples) if max_test_samples else None
-        batch_size = int(batch_size)
+        from textclf.config import parse_positive_int
+
+        max_test_samples = parse_positive_int("max_test_samples", max_test_samples) if max_test_samples else None
+        batch_size = parse_positive_int("batch_size", batch_size)
         from textclf.data import load_test_split
         from textclf.evaluation import log_misclassified, write_test_artifacts
         from textclf.inference import Predictor

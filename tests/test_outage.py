@@ -5,7 +5,6 @@ again by the test."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import time

@@ -294,3 +294,10 @@ def test_a_training_prints_no_library_noise(tmp_path, mlflow_store, tiny_dataset
         assert noise not in output, noise
     assert "step 2: validation" in output
     assert output.strip().splitlines()[-1].startswith("model: runs:/") or "model: " in output.strip().splitlines()[-1]
+
+
+def test_evaluate_refuses_a_bad_count_in_one_line(mlflow_store):
+    from entrypoints.evaluate import evaluate
+
+    result = CliRunner().invoke(evaluate, ["--model_uri", "nowhere", "--data_path", "nowhere", "--max_test_samples", "abc"])
+    assert_clean_refusal(result, "max_test_samples must be a positive integer, got 'abc'")

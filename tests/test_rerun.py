@@ -142,13 +142,15 @@ def test_a_run_killed_before_its_first_checkpoint_is_ended_by_the_next_start(tmp
     assert "died" in MlflowClient().get_run(dead.info.run_id).data.tags["error"]
 
 
-def test_a_run_of_a_live_process_is_not_ended(mlflow_store):
+def test_a_run_of_a_live_process_is_not_ended_and_its_folder_is_not_shared(mlflow_store):
     from textclf import tracking
+    from textclf.errors import TextclfError
 
     mlflow.set_experiment("textclf-live")
     with mlflow.start_run() as run:
         mlflow.set_tags({"output_dir": "/somewhere", **tracking.process_tags()})
-        assert tracking.end_dead_runs("/somewhere") == []
+        with pytest.raises(TextclfError, match=f"run {run.info.run_id} of process {os.getpid()} is training"):
+            tracking.end_dead_runs("/somewhere")
         assert MlflowClient().get_run(run.info.run_id).info.status == "RUNNING"
 
 

@@ -134,3 +134,10 @@ def test_rest_reads_text_by_name_and_answers_400_on_bad_rows(model_uri, pyfunc, 
         server.terminate()
         server.wait(timeout=30)
         log.close()
+
+
+def test_a_batch_size_below_one_is_refused(pyfunc):
+    from mlflow.exceptions import MlflowException
+
+    with pytest.raises(MlflowException, match="batch_size must be at least 1, got 0"):
+        pyfunc.predict(["a gem"], params={"batch_size": 0})

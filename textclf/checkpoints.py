@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -148,6 +149,8 @@ def plan_output_dir(output_dir: Path, resume: bool, run_recipe: dict[str, str]) 
     for folder in checkpoint_folders(output_dir) if main_process else []:
         if not is_complete(folder):
             aside = folder.with_name(f"incomplete-{folder.name}")
+            if aside.exists():  # the same step failed to save before
+                aside = folder.with_name(f"incomplete-{folder.name}-{time.strftime('%Y%m%d-%H%M%S')}")
             log.warning("%s is incomplete (no %s marker): moved to %s, not resumed from", folder, MARKER, aside)
             folder.rename(aside)
     latest = latest_complete(output_dir)

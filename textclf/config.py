@@ -178,6 +178,18 @@ def run_config_from_dict(values: dict[str, Any]) -> RunConfig:
     return RunConfig(**{k: sections[k](**v) if k in sections else v for k, v in values.items()})
 
 
+def parse_positive_int(name: str, value: Any) -> int:
+    """A positive integer from an int, a float such as 100.0 or a string (MLproject passes both). Raises
+    TextclfError naming the parameter."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = float("nan")
+    if not number.is_integer() or number < 1:
+        raise TextclfError(f"{name} must be a positive integer, got {value!r}")
+    return int(number)
+
+
 def parse_seed(value: Any) -> int:
     """An integer seed from an int or a string such as "42" (MLproject passes strings)."""
     try:

@@ -63,7 +63,7 @@ class OfflineRecords:
     def add_files(self, local_path: str | Path, artifact_path: str | None) -> None:
         """Copy a file or folder aside (it may be temporary) and journal it as artifacts to upload."""
         local_path = Path(local_path)
-        target = self.folder / "artifacts" / f"{sum(1 for _ in self._lines()):06d}"
+        target = self.folder / "artifacts" / f"{time.time_ns()}"
         if local_path.is_dir():
             shutil.copytree(local_path, target)
         else:
@@ -108,11 +108,11 @@ def sync(output_dir: Path) -> dict[str, Any]:
     if not records:
         raise TextclfError(f"{output_dir}: no offline records to upload ({FOLDER}/{JOURNAL} is absent or empty)")
     client = mlflow.MlflowClient()
-    run_id = records[0]["run_id"]
+    run_id = records[-1]["run_id"]  # the folder's latest run (the one finished_run.json names)
     counts: dict[str, int] = {}
-    end_status = None
+    end_status: dict[str, str] = {}
     for record in records:
-        op = record["op"]
+        op, run_id = record["op"], record["run_id"]  # a resumed run may follow one that went offline
         counts[op] = counts.get(op, 0) + 1
         if op == "metrics":
             metrics = [Metric(k, float(v), int(record["time"] * 1000), record.get("step") or 0)
@@ -135,7 +135,8 @@ def sync(output_dir: Path) -> dict[str, Any]:
             from textclf.registry import register_run_model
 
             config = run_config_from_dict(record["config"])
-            version = register_run_model(run_id, counts["model_uri"], config, record["best"], record["test"])
+            model_uri = counts.get("model_uri") or record.get("model_uri")
+            version = register_run_model(run_id, model_uri, config, record["best"], record["test"])
             counts["registered_version"] = version
         elif op == "misclassified":
             import pandas as pd
@@ -148,9 +149,9 @@ def sync(output_dir: Path) -> dict[str, Any]:
                 log_misclassified(frame["text"].tolist(), frame["label_id"].tolist(), probabilities,
                                   record["label_names"])
         elif op == "end":
-            end_status = record["status"]
-    if end_status:
-        client.set_terminated(run_id, end_status)
+            end_status[run_id] = record["status"]
+    for ended, status in end_status.items():
+        client.set_terminated(ended, status)
     journal = output_dir / FOLDER / JOURNAL
     journal.rename(journal.with_name(f"journal.synced-{int(time.time())}.jsonl"))
     finished = output_dir / "finished_run.json"
@@ -160,4 +161,4 @@ def sync(output_dir: Path) -> dict[str, Any]:
         record = json.loads(finished.read_text())
         record.update({k: counts[k] for k in ("model_uri", "registered_version") if k in counts})
         write_json(finished, record)
-    return {"run_id": run_id, "status": end_status, **counts}
+    return {"run_id": run_id, "status": end_status.get(run_id), **counts}

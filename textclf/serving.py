@@ -86,6 +86,8 @@ class TextClassifierPyfunc(mlflow.pyfunc.PythonModel):
         except TextclfError as exc:
             raise MlflowException(str(exc), error_code=INVALID_PARAMETER_VALUE) from exc
         batch_size = int((params or {}).get("batch_size", self.predictor.batch_size))
+        if batch_size < 1:
+            raise MlflowException(f"batch_size must be at least 1, got {batch_size}", error_code=INVALID_PARAMETER_VALUE)
         self.predictor.batch_size = batch_size
         label_names = self.predictor.spec.label_names
         if not texts:

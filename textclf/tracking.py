@@ -236,8 +236,9 @@ def process_is_alive(pid: int, started: str | None) -> bool:
 
 def end_dead_runs(output_dir: str) -> list[str]:
     """End KILLED the RUNNING runs for ``output_dir`` whose process is gone (``kill -9``, a power cut),
-    whatever their experiment. Runs of live processes, and of other hosts (whose processes cannot be
-    checked from here), are left alone. Returns the ids of the runs ended."""
+    whatever their experiment. Runs of other hosts (whose processes cannot be checked from here) are left
+    alone. Returns the ids of the runs ended. Raises TextclfError when a live process of this host is
+    training into ``output_dir``."""
     if not is_main_process():
         return []
     with store_lock():  # may be the first contact with a new store
@@ -254,7 +255,9 @@ def end_dead_runs(output_dir: str) -> list[str]:
                         tags.get("textclf.host"))
             continue
         if process_is_alive(int(tags["textclf.pid"]), tags.get("textclf.pid_started")):
-            continue
+            # Two processes training into one folder would overwrite each other's checkpoints and model.
+            raise TextclfError(f"{output_dir}: run {run.info.run_id} of process {tags['textclf.pid']} is training "
+                               "into this folder now; wait for it, or choose another run_name or output_dir")
         client.set_tag(run.info.run_id, "error", f"process {tags['textclf.pid']} died without ending the run; "
                        "ended by the next start for its output folder")
         client.set_terminated(run.info.run_id, "KILLED")

@@ -253,7 +253,7 @@ def run_training(
         if deepspeed is not None:
             model = consolidate(trainer, model, tokenizer, output_dir / "consolidated")
         result = _finish(config, trainer, model, tokenizer, splits, best, run, output_dir)
-    if offline.pending(output_dir):
+    if any(record["run_id"] == result.run_id for record in offline.pending(output_dir)):
         result.offline_records = output_dir / offline.FOLDER
     if run is not None:
         checkpoints.record_finished(
@@ -318,7 +318,10 @@ def already_finished(record: dict[str, Any], output_dir: Path) -> TrainingResult
     if run_id:
         try:
             run = mlflow.MlflowClient().get_run(run_id)
-        except mlflow.exceptions.MlflowException:
+        except mlflow.exceptions.MlflowException as exc:
+            if offline.connection_error(exc) is not None:
+                raise TextclfError(f"{output_dir}: holds finished run {run_id}, but the tracking server at "
+                                   f"{mlflow.get_tracking_uri()} cannot be reached to confirm it") from None
             run = None
         if run is None or run.info.lifecycle_stage == "deleted":
             raise TextclfError(
@@ -506,7 +509,8 @@ def _finish(config, trainer, model, tokenizer, splits, best, run, output_dir: Pa
             tracking.log_metrics({f"test/{k}": v for k, v in result.test_metrics.items()})
             tracking.log_artifacts(test_dir, artifact_path="test")
             tracking.keep_or_call("misclassified", lambda: log_misclassified(texts, labels, probabilities, splits.label_names),
-                                  predictions=str(test_dir / "predictions.parquet"), label_names=splits.label_names)
+                                  predictions=str((test_dir / "predictions.parquet").resolve()),
+                                  label_names=splits.label_names)
     if run is not None:
         examples = splits.validation["text"].tolist()[:3]
         result.model_uri = tracking.keep_or_call(
@@ -518,6 +522,6 @@ def _finish(config, trainer, model, tokenizer, splits, best, run, output_dir: Pa
             result.registered_model = registered_model_name(config.dataset_name)
             result.registered_version = tracking.keep_or_call(
                 "register", lambda: register_run_model(run.info.run_id, result.model_uri, config, best, result.test_metrics),
-                config=config.to_dict(), best=best, test=result.test_metrics)
+                config=config.to_dict(), best=best, test=result.test_metrics, model_uri=result.model_uri)
     log.info("best validation %s; test %s", best, result.test_metrics)
     return result
