@@ -54,7 +54,7 @@ def train_deepspeed(num_procs: float, num_nodes: float, node_rank: float, master
         splits = load_splits(config.data)
         run_recipe = recipe_of(config, splits, resolve_precision(config.training.precision), deepspeed,
                                num_procs * num_nodes)
-        plan = checkpoints.plan_output_dir(config.run_output_dir, config.resume, run_recipe)
+        plan = checkpoints.plan_output_dir(config.run_output_dir, config.resume, run_recipe, main_process=nodes.is_main)
         if plan.finished is not None:
             result = already_finished(plan.finished, config.run_output_dir)
             if nodes.is_main:
@@ -65,8 +65,12 @@ def train_deepspeed(num_procs: float, num_nodes: float, node_rank: float, master
         forwarded = [f"--{name}={value}" for name, value in {**params, "mode": mode}.items() if value is not None]
         forwarded += [f"--offload={offload}", f"--deepspeed_config={deepspeed_config}"] + (["--debug"] if debug else [])
         code = launch(num_procs, forwarded, nodes)
-        if code != 0 and not nodes.is_main:  # only the node of global rank 0 talks to MLflow
-            raise TextclfError(f"DeepSpeed training failed on node {node_rank} (exit code {code})")
+        if not nodes.is_main:  # only the node of global rank 0 talks to MLflow; `mlflow run` made a run here too
+            tracking.discard_attached_run(f"node {node_rank}: the run of node 0 holds this training")
+            if code != 0:
+                raise TextclfError(f"DeepSpeed training failed on node {node_rank} (exit code {code})")
+            click.echo(f"DeepSpeed training finished on node {node_rank}; node 0 logged the run")
+            return
         if code != 0:
             failed = tracking.end_stale_runs(
                 config.experiment_name, str(config.run_output_dir.resolve()), status="FAILED",

@@ -121,7 +121,8 @@ def ensure_writable(output_dir: Path) -> None:
         raise TextclfError(f"{output_dir}: output folder cannot be written ({exc.strerror or exc})") from None
 
 
-def plan_output_dir(output_dir: Path, resume: bool, run_recipe: dict[str, str]) -> FolderPlan:
+def plan_output_dir(output_dir: Path, resume: bool, run_recipe: dict[str, str],
+                    main_process: bool | None = None) -> FolderPlan:
     """Decide what a start does with its output folder.
 
     - a finished run made with the same recipe: nothing to train (``finished``);
@@ -145,7 +146,8 @@ def plan_output_dir(output_dir: Path, resume: bool, run_recipe: dict[str, str]) 
             raise TextclfError(f"{output_dir}: holds finished run {finished.get('run_id')}; pass resume=true to "
                                "recognise it, or choose another run_name or output_dir")
         return FolderPlan(finished=finished)
-    main_process = os.environ.get("RANK", "0") == "0"  # with DeepSpeed, every rank calls this
+    if main_process is None:
+        main_process = os.environ.get("RANK", "0") == "0"  # with DeepSpeed, every rank calls this
     for folder in checkpoint_folders(output_dir) if main_process else []:
         if not is_complete(folder):
             aside = folder.with_name(f"incomplete-{folder.name}")
