@@ -36,6 +36,9 @@ def mlflow_store(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
     monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
+    # set_*_uri also write MLFLOW_*_URI into os.environ: through monkeypatch, so they do not leak into later
+    # tests' subprocesses (a leaked registry URI sent a later test's versions to this test's store).
+    monkeypatch.setenv("MLFLOW_REGISTRY_URI", uri)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     # MLflow remembers the active experiment id across stores: a test that set one must not send the next

@@ -57,6 +57,7 @@ def server(tmp_path, monkeypatch):
     server = Server(tmp_path)
     server.start()
     monkeypatch.setenv("MLFLOW_TRACKING_URI", server.uri)
+    monkeypatch.setenv("MLFLOW_REGISTRY_URI", server.uri)
     mlflow.set_tracking_uri(server.uri)
     mlflow.set_registry_uri(server.uri)
     yield server
