@@ -96,6 +96,22 @@ def minilm() -> str:
     return minilm_path()
 
 
+def wait_until_answers(url: str, process, timeout: float = 120, what: str = "the server") -> None:
+    """Poll ``url`` until it answers; fail if ``process`` (the server) exits or ``timeout`` passes."""
+    import time
+    import urllib.request
+
+    deadline = time.time() + timeout
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return
+        except OSError:
+            assert process.poll() is None, f"{what} exited ({process.returncode})"
+            assert time.time() < deadline, f"{what} did not answer {url} within {timeout:.0f} s"
+            time.sleep(0.5)
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))

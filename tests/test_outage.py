@@ -8,14 +8,13 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import mlflow
 import pytest
 from mlflow import MlflowClient
 
-from conftest import REPO
+from conftest import REPO, wait_until_answers
 from test_mlproject import mlflow_env
 from textclf.deepspeed import free_port
 
@@ -38,14 +37,7 @@ class Server:
              f"sqlite:///{self.folder / 'store.db'}", "--serve-artifacts", "--artifacts-destination",
              str(self.folder / "artifacts"), "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"],
             cwd=self.folder, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.time() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"{self.uri}/health", timeout=2)
-                return
-            except OSError:
-                assert self.process.poll() is None and time.time() < deadline, "mlflow server did not start"
-                time.sleep(0.5)
+        wait_until_answers(f"{self.uri}/health", self.process, 120, "mlflow server")
 
     def stop(self) -> None:
         self.process.terminate()

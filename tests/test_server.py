@@ -15,7 +15,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +23,7 @@ import pytest
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from conftest import REPO, sentiment_rows, write_jsonl
+from conftest import REPO, sentiment_rows, wait_until_answers, write_jsonl
 from test_mlproject import mlflow_env
 from textclf.deepspeed import free_port
 from textclf.errors import TextclfError
@@ -279,14 +278,7 @@ def test_evaluate_predict_and_serve_the_champion_from_the_server(team_server, wo
          "-h", "127.0.0.1", "-p", str(port)],
         env=client_env(team_server, "bob"), cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.time() + 180
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2)
-                break
-            except OSError:
-                assert serving.poll() is None and time.time() < deadline, "mlflow models serve did not start"
-                time.sleep(0.5)
+        wait_until_answers(f"http://127.0.0.1:{port}/ping", serving, 180, "mlflow models serve")
         body = json.dumps({"dataframe_records": [{"text": row["text"]} for row in expected]}).encode()
         request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,
                                          headers={"Content-Type": "application/json"})

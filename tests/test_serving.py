@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -15,6 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from conftest import wait_until_answers
 from textclf.deepspeed import free_port
 
 TEXTS = ["a wonderful , moving film", "a dull , boring mess that goes on and on", "fine", "great acting"]
@@ -109,14 +109,7 @@ def test_rest_reads_text_by_name_and_answers_400_on_bad_rows(model_uri, pyfunc, 
         env=mlflow_env(mlflow.get_tracking_uri()), cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT,
     )
     try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2)
-                break
-            except OSError:
-                assert server.poll() is None and time.time() < deadline, (tmp_path / "server.log").read_text()
-                time.sleep(0.5)
+        wait_until_answers(f"http://127.0.0.1:{port}/ping", server, 120, "mlflow models serve")
         expected = pyfunc.predict(pd.DataFrame({"text": TEXTS}))
         status, body = _post(port, {"dataframe_records": [{"id": i, "text": t} for i, t in enumerate(TEXTS)]})
         assert status == 200, body

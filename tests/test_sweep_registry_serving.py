@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import pytest
 from click.testing import CliRunner
 from mlflow import MlflowClient
 
+from conftest import wait_until_answers
 from entrypoints.predict import predict
 from entrypoints.sweep import sweep
 from test_mlproject import mlflow_env
@@ -130,14 +130,7 @@ def test_rest_serving_answers_like_pyfunc(swept, tmp_path):
         env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2)
-                break
-            except OSError:
-                assert server.poll() is None and time.time() < deadline, "server did not start"
-                time.sleep(0.5)
+        wait_until_answers(f"http://127.0.0.1:{port}/ping", server, 120, "mlflow models serve")
         texts = ["a wonderful , moving film", "a dull , boring mess"]
         body = json.dumps({"dataframe_records": [{"text": t} for t in texts]}).encode()
         request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,

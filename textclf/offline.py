@@ -60,7 +60,7 @@ class OfflineRecords:
         with open(self.folder / JOURNAL, "a") as journal:
             journal.write(json.dumps({"op": op, "run_id": self.run_id, "time": time.time(), **payload}) + "\n")
 
-    def add_files(self, local_path: str | Path, artifact_path: str | None) -> None:
+    def _add_files(self, local_path: str | Path, artifact_path: str | None) -> None:
         """Copy a file or folder aside (it may be temporary) and journal it as artifacts to upload."""
         local_path = Path(local_path)
         target = self.folder / "artifacts" / f"{time.time_ns()}"
@@ -71,13 +71,9 @@ class OfflineRecords:
             shutil.copy2(local_path, target / local_path.name)
         self.add("artifacts", local_dir=str(target.relative_to(self.folder)), artifact_path=artifact_path)
 
-    def _lines(self):
-        path = self.folder / JOURNAL
-        return path.read_text().splitlines() if path.exists() else []
-
-    def call(self, op: str, online: Callable[[], Any], **payload: Any) -> Any:
-        """Run ``online``; once the server is unreachable, journal ``op`` with ``payload`` instead.
-        Returns what ``online`` returned, or None when journaled."""
+    def call(self, op: str, online: Callable[[], Any], files: Path | None = None, **payload: Any) -> Any:
+        """Run ``online``; once the server is unreachable, journal ``op`` with ``payload`` instead (``files``:
+        artifacts to copy aside). Returns what ``online`` returned, or None when journaled."""
         if not self.active:
             try:
                 return online()
@@ -85,7 +81,10 @@ class OfflineRecords:
                 if connection_error(exc) is None:
                     raise
                 self.go_offline(exc)
-        self.add(op, **payload)
+        if files is not None:
+            self._add_files(files, payload["artifact_path"])
+        else:
+            self.add(op, **payload)
         return None
 
 

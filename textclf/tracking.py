@@ -26,7 +26,7 @@ from transformers import TrainerCallback
 
 from textclf.config import RunConfig, flatten
 from textclf.errors import TextclfError, TrainingInterrupted
-from textclf.offline import OfflineRecords, connection_error
+from textclf.offline import OfflineRecords
 from textclf.evaluation import write_confusion
 
 log = logging.getLogger(__name__)
@@ -136,20 +136,11 @@ class _Offline:
     records: OfflineRecords | None = None
 
 
-def offline_records() -> OfflineRecords | None:
-    return _Offline.records
-
-
-def _call(op: str, online, **payload):
-    """``online()``, or its record in the offline journal once the tracking server is unreachable."""
+def keep_or_call(op: str, online, files: Path | None = None, **payload):
+    """``online()``; once the tracking server is unreachable, ``op`` and ``payload`` (and a copy of ``files``)
+    kept for `textclf sync` (then returns None). Without an offline journal (not a training run), ``online()``."""
     records = _Offline.records
-    return online() if records is None else records.call(op, online, **payload)
-
-
-def keep_or_call(op: str, online, **payload):
-    """``online()``; once the tracking server is unreachable, ``op`` and ``payload`` kept for `textclf sync`
-    (then returns None). Without an offline journal (not a training run), just ``online()``."""
-    return _call(op, online, **payload)
+    return online() if records is None else records.call(op, online, files=files, **payload)
 
 
 def _end(status: str) -> None:
@@ -159,32 +150,15 @@ def _end(status: str) -> None:
         with contextlib.suppress(Exception):  # pops MLflow's active run; the server cannot be told
             mlflow.end_run(status)
         return
-    _call("end", lambda: mlflow.end_run(status), status=status)
+    keep_or_call("end", lambda: mlflow.end_run(status), status=status)
 
 
 def log_artifacts(local_path: str | Path, artifact_path: str | None = None) -> None:
     """Log a file or a folder's files as artifacts of the active run (kept on disk while offline)."""
-    records = _Offline.records
     local_path = Path(local_path)
     upload = (lambda: mlflow.log_artifacts(str(local_path), artifact_path)) if local_path.is_dir() else (
         lambda: mlflow.log_artifact(str(local_path), artifact_path))
-    if records is None:
-        upload()
-        return
-    if not records.active:
-        try:
-            upload()
-            return
-        except Exception as exc:  # noqa: BLE001 - see OfflineRecords.call
-            if connection_error(exc) is None:
-                raise
-            records.go_offline(exc)
-    records.add_files(local_path, artifact_path)
-
-
-def is_offline() -> bool:
-    records = _Offline.records
-    return records is not None and records.active
+    keep_or_call("artifacts", upload, files=local_path, artifact_path=artifact_path)
 
 
 def attached_run_id() -> str | None:
@@ -307,7 +281,7 @@ def _end_with_error(status: str, exc: BaseException) -> None:
     message = str(exc) or type(exc).__name__
     with contextlib.suppress(Exception):
         error = f"{type(exc).__name__}: {message}"[:5000]
-        _call("tags", lambda: mlflow.set_tag("error", error), tags={"error": error})
+        keep_or_call("tags", lambda: mlflow.set_tag("error", error), tags={"error": error})
     _end(status)
 
 
@@ -324,7 +298,7 @@ def log_dataset(frame: pd.DataFrame, source: str, name: str, context: str) -> No
 def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
     finite = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)}
     if finite and is_main_process():
-        _call("metrics", lambda: mlflow.log_metrics(finite, step=step), metrics=finite, step=step)
+        keep_or_call("metrics", lambda: mlflow.log_metrics(finite, step=step), metrics=finite, step=step)
 
 
 def peak_memory_mb() -> float:
