@@ -16,7 +16,7 @@ DEMO := -P mode=lora -P dataset=sst2 -P max_samples=320 -P epochs=1 -P eval_step
         -P max_eval_samples=100 -P max_test_samples=300 -P calibration_samples=64 -P head_learning_rate=1e-3 \
         -P warmup_ratio=0.1 -P run_name=sst2-lora-demo -P resume=false
 
-.PHONY: install train test test-fast bench bench-accuracy clean-runs gpu-check gpu-check-dryrun server server-stop ui-check
+.PHONY: install train mlproject test test-fast bench bench-accuracy clean-runs gpu-check gpu-check-dryrun server server-stop ui-check
 
 install: $(VENV)/.installed $(DEFAULT_MODEL)/model.safetensors
 
@@ -34,6 +34,11 @@ $(DEFAULT_MODEL)/model.safetensors: $(VENV)/.installed
 train: install
 	rm -rf outputs/sst2-lora-demo
 	mlflow run . -e train $(DEMO) --env-manager local --experiment-name textclf-sst2
+
+# MLproject is generated from the run parameters declared in textclf/config.py and the click commands: run this
+# after adding or changing one (tests/test_parameters.py fails while the committed MLproject is stale).
+mlproject: $(VENV)/.installed
+	$(PY) scripts/mlproject.py
 
 # Everything, as CI runs it (about 15 min on 2 cores).
 test: install

@@ -1,10 +1,9 @@
-"""What every entry point shares: the training options (one per config field, as in MLproject),
-logging setup, and turning user errors into one clear line and a non-zero exit."""
+"""What every entry point shares: the training options (derived from the run parameters declared in
+textclf/config.py, as MLproject is), logging setup, and turning user errors into one clear line and a non-zero exit."""
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import os
 import sys
@@ -12,61 +11,9 @@ from typing import Any, Callable
 
 import click
 
+from textclf.config import run_parameters
 from textclf.errors import TextclfError, TrainingInterrupted
-
-# (option, click type, help). Names match the MLproject parameters exactly; empty means "preset".
-# Choices are checked by textclf.config.validate, which says what is wrong in one line.
-TRAINING_OPTIONS: list[tuple[str, Any, str]] = [
-    ("dataset", str, "shipped dataset: sst2 or r8"),
-    ("data_path", str, "folder with train/dev/test files (json, jsonl, parquet, csv); overrides dataset"),
-    ("text_column", str, "name of the text column (default: detected: text, sentence, review, ...)"),
-    ("label_column", str, "name of the label column (default: detected: label, category, class, ...)"),
-    ("mode", str, "full or lora"),
-    ("seed", str, "training seed, an integer (0, 42 and 123 are the sweep's defaults)"),
-    ("max_samples", int, "cap on training rows"),
-    ("max_eval_samples", int, "cap on validation rows (logged)"),
-    ("max_test_samples", int, "cap on test rows (logged)"),
-    ("max_length", int, "max tokens per prompt; the text is cut, never the template"),
-    ("prompt_template", str, "prompt with {text} and {class_labels}"),
-    ("base_model", str, "local Hugging Face folder or hub id"),
-    ("head", str, "classification head: mlp or linear"),
-    ("head_dropout", float, "dropout in the head"),
-    ("pooling", str, "auto, last or mean; auto: last token (decoders), mean (encoders)"),
-    ("calibration_samples", int, "train rows that standardize the head's input features (0: off)"),
-    ("lora_r", int, "LoRA rank"),
-    ("lora_alpha", int, "LoRA alpha"),
-    ("lora_dropout", float, "LoRA dropout"),
-    ("lora_targets", str, "comma-separated module names"),
-    ("learning_rate", float, "peak learning rate"),
-    ("head_learning_rate", float, "peak learning rate of the classification head (default: learning_rate)"),
-    ("batch_size", int, "training batch size per device"),
-    ("eval_batch_size", int, "evaluation batch size"),
-    ("epochs", float, "training epochs"),
-    ("max_steps", int, "stop after this many steps (overrides epochs when > 0)"),
-    ("max_train_minutes", float, "time budget: evaluate, save and stop once training has run this long"),
-    ("eval_steps", int, "evaluate every N steps"),
-    ("save_steps", int, "checkpoint every N steps (a multiple of eval_steps)"),
-    ("logging_steps", int, "log train metrics every N steps"),
-    ("save_total_limit", int, "checkpoints kept (the best one always survives)"),
-    ("metric_for_best", str, "validation metric that selects the best checkpoint: f1_macro, accuracy, "
-     "precision_macro, recall_macro or loss"),
-    ("weight_decay", float, "AdamW weight decay"),
-    ("warmup_ratio", float, "fraction of steps for learning-rate warmup"),
-    ("gradient_accumulation_steps", int, "micro-batches per optimizer step"),
-    ("gradient_checkpointing", click.BOOL, "recompute activations to save memory"),
-    ("precision", str, "auto, fp32, bf16 or fp16; auto: bf16 where fast, else fp32"),
-    ("group_by_length", click.BOOL, "batch rows of similar length together"),
-    ("calibrate", click.BOOL, "fit a temperature on validation after training so that scores are calibrated"),
-    ("output_dir", str, "checkpoints and the final model go to <output_dir>/<run_name>/"),
-    ("run_name", str, "default <dataset>-<mode>-seed<seed>"),
-    ("register", click.BOOL, "register the model in the MLflow model registry"),
-    ("resume", click.BOOL, "continue from the latest complete checkpoint of the output folder"),
-]
-
-
-def _empty_is_none(_ctx, _param, value):
-    # MLproject passes "" for a parameter left at its default: that means "use the preset".
-    return None if value == "" else value
+from textclf.parameters import Parameter
 
 
 def _dashes_to_underscores(name: str) -> str:
@@ -79,41 +26,63 @@ COMMAND_SETTINGS = {"token_normalize_func": _dashes_to_underscores, "show_defaul
 
 
 def training_options(function: Callable) -> Callable:
-    for name, kind, help_text in reversed(TRAINING_OPTIONS):
-        function = click.option(f"--{name}", type=_Lenient(kind), default=None, callback=_empty_is_none,
-                                help=f"{help_text} {_default_of(name)}")(function)
+    """One option per run parameter declared in textclf/config.py, named as in MLproject. An option left out is
+    None: build_config then takes the mode's preset or the declared default. Ranges and choices are checked by
+    config.validate, whose one-line refusal also ends a run that `mlflow run` created FAILED with the reason."""
+    for parameter in reversed(run_parameters()):
+        function = click.option(f"--{parameter.name}", type=_OptionValue(parameter.cli_type or parameter.kind),
+                                default=None, metavar=_metavar(parameter),
+                                help=f"{parameter.help} {_shown_default(parameter)}".rstrip())(function)
     return function
 
 
-def _default_of(name: str) -> str:
-    """``[preset: full 2e-05, lora 0.0005]`` or ``[default: 512]``: what an option left out means."""
-    from textclf.config import MODE_PRESETS, DataConfig, ModelConfig, RunConfig, TrainingConfig
-
-    presets = {mode: values[name] for mode, values in MODE_PRESETS.items() if name in values}
-    if presets:
-        return "[preset: " + ", ".join(f"{mode} {value}" for mode, value in presets.items()) + "]"
-    for section in (RunConfig, DataConfig, ModelConfig, TrainingConfig):
-        field = next((f for f in dataclasses.fields(section) if f.name == name), None)
-        if field is not None and field.default is not dataclasses.MISSING and field.default is not None:
-            shown = str(field.default)
-            return f"[default: {shown if len(shown) <= 40 else shown[:37] + '...'}]"
-    return ""
+def _metavar(parameter: Parameter) -> str:
+    """``[full|lora]``, else the declared type (INTEGER for seed too, which click reads as text)."""
+    if parameter.choices:
+        return "[" + "|".join(parameter.choices) + "]"
+    return click.types.convert_type(parameter.kind).name.upper()
 
 
-class _Lenient(click.ParamType):
-    """Accepts "" (an MLproject default) as well as values of the wrapped type."""
+def _shown_default(parameter: Parameter) -> str:
+    """``[preset: full 2e-05, lora 0.0005; x>0]`` or ``[default: 512; x>=16]``: what an option left out means,
+    and the values it allows."""
+    notes = []
+    if parameter.follows_mode:
+        notes.append("preset: " + ", ".join(f"{mode} {value}" for mode, value in parameter.presets.items()))
+    elif parameter.default is not None:
+        shown = str(parameter.default)
+        notes.append(f"default: {shown if len(shown) <= 40 else shown[:37] + '...'}")
+    if parameter.range is not None:
+        notes.append(str(parameter.range))
+    return "[" + "; ".join(notes) + "]" if notes else ""
 
-    def __init__(self, inner: Any):
-        self.inner = click.types.convert_type(inner)
+
+class _OptionValue(click.ParamType):
+    """A value of the wrapped type, with the two things MLproject and MLflow send that click alone refuses:
+    "" (a parameter left at its MLproject default ""), read as None, which means "the preset" or "detect";
+    and an integer written as a float ("100.0": MLflow passes a number given to it as a float that way, e.g.
+    mlflow.projects.run(parameters={"max_steps": 100.0}) from a hyper-parameter search)."""
+
+    def __init__(self, kind: Any):
+        self.kind = kind
+        self.inner = click.types.convert_type(kind)
         self.name = self.inner.name
 
     def convert(self, value, param, ctx):
-        if value == "" or value is None:
-            return ""
+        if value is None or value == "":
+            return None
+        if self.kind is int:
+            return self._whole_number(value, param, ctx)
         return self.inner.convert(value, param, ctx)
 
-    def get_metavar(self, param, ctx=None):
-        return self.inner.get_metavar(param, ctx) if hasattr(self.inner, "get_metavar") else None
+    def _whole_number(self, value, param, ctx) -> int:
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            number = float("nan")
+        if not number.is_integer():
+            self.fail(f"{value!r} is not an integer", param, ctx)
+        return int(number)
 
 
 def setup_logging() -> None:

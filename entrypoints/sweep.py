@@ -5,10 +5,11 @@ from __future__ import annotations
 import click
 
 from entrypoints.common import COMMAND_SETTINGS, debug_option, setup_logging, training_options, user_errors
+from textclf.config import DEFAULT_SEEDS
 
 
 @click.command(name="sweep", context_settings=COMMAND_SETTINGS)
-@click.option("--seeds", default="", help="comma-separated seeds (default 0,42,123)")
+@click.option("--seeds", default=",".join(map(str, DEFAULT_SEEDS)), help="comma-separated seeds")
 @training_options
 @debug_option
 def sweep(seeds: str, debug: bool, **params) -> None:

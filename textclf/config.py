@@ -1,7 +1,9 @@
 """The whole run configuration as frozen dataclasses, the mode presets, and their validation.
 
-A run is described once, here, and logged once (flattened to params and as ``config.json``).
-Values left as ``None`` are filled from the preset of the chosen mode by :func:`build_config`.
+A run is described once, here, and logged once (flattened to params and as ``config.json``). Each parameter is a
+field declared with its help, default or per-mode preset and allowed values (see textclf/parameters.py); the click
+options, their checks and MLproject are derived from these declarations. Values left as ``None`` are filled from
+the preset of the chosen mode by :func:`build_config`.
 """
 
 from __future__ import annotations
@@ -13,10 +15,12 @@ from pathlib import Path
 from typing import Any
 
 from textclf.errors import TextclfError
+from textclf.parameters import FRACTION, NON_NEGATIVE, POSITIVE, Parameter, Range, check_fields, param, parameters_of
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SHIPPED_DATASETS = ("sst2", "r8")
 DEFAULT_BASE_MODEL = "ckpt/SmolLM2-135M-Instruct"
+MINILM_BASE_MODEL = "ckpt/all-MiniLM-L6-v2"  # the quick demo's encoder (make install copies it there)
 MODES = ("full", "lora")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 HEADS = ("mlp", "linear")
@@ -29,25 +33,36 @@ DEFAULT_PROMPT_TEMPLATE = (
     "following categories it belongs to:{class_labels},answer:"
 )
 
-# Hyper-parameters of the original project, per mode. Every one is overridable.
-MODE_PRESETS: dict[str, dict[str, Any]] = {
-    "full": dict(learning_rate=2e-5, batch_size=4, epochs=5.0, eval_steps=50, save_steps=100, head="mlp"),
-    "lora": dict(learning_rate=5e-4, batch_size=8, epochs=8.0, eval_steps=100, save_steps=200, head="mlp"),
-}
+DEFAULT_MODE = "lora"
+
+def preset(help: str, *, full: Any, lora: Any, **allowed: Any) -> Any:
+    """A parameter whose default is the chosen mode's preset (hyper-parameters of the original project); the
+    dataclass default is the default mode's, for a section built without :func:`build_config`."""
+    values = {"full": full, "lora": lora}
+    return param(values[DEFAULT_MODE], help, presets=values, **allowed)
+
+
+# Each run parameter is declared once, below, with param() or preset(): the click options, their --help, the
+# range and choice checks and the MLproject parameters are derived from these fields (textclf/parameters.py).
+# After adding or changing one, run `make mlproject`. Fields without help are not parameters.
 
 
 @dataclass(frozen=True)
 class DataConfig:
-    dataset: str | None = "sst2"  # a shipped dataset name; ignored when data_path is given
-    data_path: str | None = None  # any folder holding train/dev/test files
-    text_column: str | None = None  # column holding the text; None: detected (text, sentence, review, ...)
-    label_column: str | None = None  # column holding the label; None: detected (label, category, ...)
-    max_samples: int | None = None  # cap on train rows (validation/test are never capped silently)
-    max_eval_samples: int | None = None  # explicit cap on validation rows (logged)
-    max_test_samples: int | None = None  # explicit cap on test rows (logged)
-    max_length: int = 512
-    prompt_template: str = DEFAULT_PROMPT_TEMPLATE
-    validation_fraction: float = 0.15
+    # Choices are checked in validate (only without data_path): a declared choice would refuse every custom folder.
+    dataset: str | None = param("sst2", "shipped dataset: sst2 or r8")
+    data_path: str | None = param(None, "folder with train/dev/test files (json, jsonl, parquet, csv); overrides "
+                                  "dataset")
+    text_column: str | None = param(None, "name of the text column (default: detected: text, sentence, review, ...)")
+    label_column: str | None = param(None, "name of the label column (default: detected: label, category, class, ...)")
+    # Validation and test rows are never capped silently: their caps are explicit and logged.
+    max_samples: int | None = param(None, "cap on training rows", range=POSITIVE)
+    max_eval_samples: int | None = param(None, "cap on validation rows (logged)", range=POSITIVE)
+    max_test_samples: int | None = param(None, "cap on test rows (logged)", range=POSITIVE)
+    max_length: int = param(512, "max tokens per prompt; the text is cut, never the template", range=Range(16))
+    prompt_template: str = param(DEFAULT_PROMPT_TEMPLATE, "prompt with {text} and {class_labels}")
+    # Not a parameter (every run carves the same 15% validation split), but its range is checked all the same.
+    validation_fraction: float = field(default=0.15, metadata={"range": Range(0, 1, low_open=True)})
     split_seed: int = 2024  # fixed: every training seed sees the same validation rows
 
     @property
@@ -67,51 +82,58 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    base_model: str = DEFAULT_BASE_MODEL
-    head: str = "mlp"
-    head_dropout: float = 0.1
-    pooling: str = "auto"  # auto: last token for decoders, mean for encoders
-    calibration_samples: int = 128  # train rows used to standardize the head's input (0: off)
-    lora_r: int = 64
-    lora_alpha: int = 16
-    lora_dropout: float = 0.1
-    lora_targets: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+    base_model: str = param(DEFAULT_BASE_MODEL, "local Hugging Face folder or hub id")
+    head: str = preset("classification head", full="mlp", lora="mlp", choices=HEADS)
+    head_dropout: float = param(0.1, "dropout in the head", range=FRACTION)
+    pooling: str = param("auto", "auto: last token (decoders), mean (encoders)", choices=POOLINGS)
+    calibration_samples: int = param(128, "train rows that standardize the head's input features (0: off)",
+                                     range=NON_NEGATIVE)
+    lora_r: int = param(64, "LoRA rank", range=POSITIVE)
+    lora_alpha: int = param(16, "LoRA alpha", range=POSITIVE)
+    lora_dropout: float = param(0.1, "LoRA dropout", range=FRACTION)
+    lora_targets: str = param("q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj", "comma-separated module names")
 
 
 @dataclass(frozen=True)
 class TrainingConfig:
-    learning_rate: float = 5e-4
-    head_learning_rate: float | None = None  # the fresh head often wants more than the backbone; None: same
-    batch_size: int = 8
-    eval_batch_size: int = 32
-    epochs: float = 8.0
-    max_steps: int = -1
-    max_train_minutes: float | None = None  # evaluate, save and stop once training has run this long
-    eval_steps: int = 100
-    save_steps: int = 200
-    logging_steps: int = 10
-    save_total_limit: int = 2
-    metric_for_best: str = "f1_macro"
-    weight_decay: float = 0.0
-    warmup_ratio: float = 0.0  # must be < 1
-    gradient_accumulation_steps: int = 1
-    gradient_checkpointing: bool = False
-    precision: str = "auto"
-    group_by_length: bool = True
-    calibrate: bool = True  # fit a softmax temperature on validation after training (textclf.calibration)
+    learning_rate: float = preset("peak learning rate", full=2e-5, lora=5e-4, range=POSITIVE)
+    # The fresh head often wants more than the backbone.
+    head_learning_rate: float | None = param(None, "peak learning rate of the classification head (default: "
+                                             "learning_rate)", range=POSITIVE)
+    batch_size: int = preset("training batch size per device", full=4, lora=8, range=POSITIVE)
+    eval_batch_size: int = param(32, "evaluation batch size", range=POSITIVE)
+    epochs: float = preset("training epochs", full=5.0, lora=8.0, range=NON_NEGATIVE)
+    max_steps: int = param(-1, "stop after this many steps (overrides epochs when > 0)")
+    max_train_minutes: float | None = param(None, "time budget: evaluate, save and stop once training has run this "
+                                            "long", range=POSITIVE)
+    eval_steps: int = preset("evaluate every N steps", full=50, lora=100, range=POSITIVE)
+    save_steps: int = preset("checkpoint every N steps (a multiple of eval_steps)", full=100, lora=200, range=POSITIVE)
+    logging_steps: int = param(10, "log train metrics every N steps", range=POSITIVE)
+    save_total_limit: int = param(2, "checkpoints kept (the best one always survives)", range=POSITIVE)
+    metric_for_best: str = param("f1_macro", "validation metric that selects the best checkpoint",
+                                 choices=BEST_METRICS)
+    weight_decay: float = param(0.0, "AdamW weight decay", range=NON_NEGATIVE)
+    warmup_ratio: float = param(0.0, "fraction of steps for learning-rate warmup", range=FRACTION)
+    gradient_accumulation_steps: int = param(1, "micro-batches per optimizer step", range=POSITIVE)
+    gradient_checkpointing: bool = param(False, "recompute activations to save memory")
+    precision: str = param("auto", "auto: bf16 where fast, else fp32", choices=PRECISIONS)
+    group_by_length: bool = param(True, "batch rows of similar length together")
+    calibrate: bool = param(True, "fit a temperature on validation after training so that scores are calibrated")
 
 
 @dataclass(frozen=True)
 class RunConfig:
-    mode: str = "lora"
-    seed: int = 42
-    output_dir: str = "outputs"
-    run_name: str | None = None
-    register: bool = True  # register the model as a version of textclf-<dataset>
-    resume: bool = True  # continue from the latest complete checkpoint in the output folder
+    mode: str = param(DEFAULT_MODE, "what trains: every weight (full) or LoRA adapters (lora), each with the head",
+                      choices=MODES)
+    # Read as text: parse_seed, in build_config, says what is wrong with a seed that is not an integer.
+    seed: int = param(42, "training seed, an integer (0, 42 and 123 are the sweep's defaults)", cli_type=str)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
+    output_dir: str = param("outputs", "checkpoints and the final model go to <output_dir>/<run_name>/")
+    run_name: str | None = param(None, "default <dataset>-<mode>-seed<seed>")
+    register: bool = param(True, "register the model as a version of textclf-<dataset> in the MLflow model registry")
+    resume: bool = param(True, "continue from the latest complete checkpoint of the output folder")
 
     @property
     def dataset_name(self) -> str:
@@ -136,7 +158,18 @@ class RunConfig:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
 
-def build_config(mode: str = "lora", **overrides: Any) -> RunConfig:
+def run_parameters() -> list[Parameter]:
+    """Every run parameter, as declared above: one click option and one MLproject parameter each."""
+    return parameters_of(RunConfig)
+
+
+# Hyper-parameters of the original project, per mode, as declared with preset(). Every one is overridable.
+MODE_PRESETS: dict[str, dict[str, Any]] = {
+    mode: {p.name: p.presets[mode] for p in run_parameters() if p.follows_mode} for mode in MODES
+}
+
+
+def build_config(mode: str = DEFAULT_MODE, **overrides: Any) -> RunConfig:
     """Build a validated config from a mode and flat overrides (``None`` means "use the preset").
 
     Flat keys are routed to the section that owns them, so the entry points can pass their click
@@ -202,70 +235,35 @@ def parse_seed(value: Any) -> int:
 
 
 def validate(config: RunConfig) -> None:
-    """Refuse combinations that cannot run, each with a message naming the parameter."""
-    data, model, training = config.data, config.model, config.training
+    """Refuse values and combinations that cannot run, each with one line naming the parameter.
+
+    Ranges and choices come from the field declarations (textclf.parameters.check_fields); what involves
+    several fields, or a message of its own, is checked here."""
+    data, training = config.data, config.training
     if not data.data_path and data.dataset not in SHIPPED_DATASETS:
         raise TextclfError(
             f"unknown dataset {data.dataset!r}: choose one of {', '.join(SHIPPED_DATASETS)} or pass data_path"
         )
     if not isinstance(config.seed, int) or isinstance(config.seed, bool) or not 0 <= config.seed < 2**32:
         raise TextclfError(f"invalid seed {config.seed!r}: use an integer in [0, 2**32)")
-    for name in ("max_samples", "max_eval_samples", "max_test_samples"):
-        value = getattr(data, name)
-        if value is not None and value <= 0:
-            raise TextclfError(f"{name} must be a positive integer, got {value}")
-    if data.max_length < 16:
-        raise TextclfError(f"max_length must be at least 16, got {data.max_length}")
+    check_fields(config)  # before the checks below: save_steps % eval_steps needs eval_steps > 0
     if "{text}" not in data.prompt_template:
         raise TextclfError("prompt_template must contain the placeholder {text}")
-    if not 0 < data.validation_fraction < 1:
-        raise TextclfError(f"validation_fraction must be in (0, 1), got {data.validation_fraction}")
-    if model.head not in HEADS:
-        raise TextclfError(f"invalid head {model.head!r}: choose one of {', '.join(HEADS)}")
-    if model.pooling not in POOLINGS:
-        raise TextclfError(f"invalid pooling {model.pooling!r}: choose one of {', '.join(POOLINGS)}")
-    if training.metric_for_best not in BEST_METRICS:
-        raise TextclfError(f"invalid metric_for_best {training.metric_for_best!r}: choose one of {', '.join(BEST_METRICS)}")
-    if training.precision not in PRECISIONS:
-        raise TextclfError(f"invalid precision {training.precision!r}: choose one of {', '.join(PRECISIONS)}")
-    for name in ("batch_size", "eval_batch_size", "eval_steps", "save_steps", "logging_steps",
-                 "save_total_limit", "gradient_accumulation_steps"):
-        if getattr(training, name) <= 0:
-            raise TextclfError(f"{name} must be a positive integer, got {getattr(training, name)}")
     if training.save_steps % training.eval_steps:
         raise TextclfError(
             f"save_steps ({training.save_steps}) must be a multiple of eval_steps ({training.eval_steps}) "
             "so that the best checkpoint can be kept"
         )
-    for name in ("learning_rate", "head_learning_rate"):
-        value = getattr(training, name)
-        if value is not None and value <= 0:
-            raise TextclfError(f"{name} must be positive, got {value}")
-    _check_range("warmup_ratio", training.warmup_ratio, 0, 1, "[0, 1)")
-    _check_range("head_dropout", model.head_dropout, 0, 1, "[0, 1)")
-    _check_range("lora_dropout", model.lora_dropout, 0, 1, "[0, 1)")
-    if training.weight_decay < 0:
-        raise TextclfError(f"weight_decay must be >= 0, got {training.weight_decay}")
-    if model.calibration_samples < 0:
-        raise TextclfError(f"calibration_samples must be >= 0 (0: off), got {model.calibration_samples}")
-    for name in ("lora_r", "lora_alpha"):
-        if getattr(model, name) <= 0:
-            raise TextclfError(f"{name} must be a positive integer, got {getattr(model, name)}")
-    if training.epochs < 0:
-        raise TextclfError(f"epochs must be >= 0, got {training.epochs}")
-    if training.max_train_minutes is not None and training.max_train_minutes <= 0:
-        raise TextclfError(f"max_train_minutes must be positive, got {training.max_train_minutes}")
     if training.epochs <= 0 and training.max_steps <= 0:
         raise TextclfError("set epochs > 0 or max_steps > 0")
 
 
-def _check_range(name: str, value: float, low: float, high: float, shown: str) -> None:
-    """``low <= value < high``, else one line naming the parameter and the allowed range."""
-    if not low <= value < high:
-        raise TextclfError(f"{name} must be in {shown}, got {value}")
+# Each logged param value is cut to 500 characters: the MLflow installed here stores up to 6000, but remote
+# tracking stores (servers on older MLflow versions) still enforce 500 and refuse the whole batch of params.
+PARAM_VALUE_LIMIT = 500
 
 
-def flatten(config: RunConfig, max_length: int = 500) -> dict[str, str]:
+def flatten(config: RunConfig, max_length: int = PARAM_VALUE_LIMIT) -> dict[str, str]:
     """Flatten the config to MLflow params (``section.key``), each value at most ``max_length`` chars.
 
     Top-level fields go under ``run.``: ``mlflow run`` logs its raw entry-point parameters (``mode``,
