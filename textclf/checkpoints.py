@@ -53,10 +53,10 @@ def _short(value: str, limit: int = 60) -> str:
     return value if len(value) <= limit else value[: limit - 3] + "..."
 
 
-def finalize(folder: Path, spec, tokenizer, run_recipe: dict[str, str]) -> None:
-    """Make a Trainer checkpoint self-describing (model spec, tokenizer, recipe), then mark it complete."""
+def finalize(folder: Path, spec, run_recipe: dict[str, str]) -> None:
+    """Make a Trainer checkpoint self-describing (model spec, recipe), then mark it complete. The tokenizer
+    is already there: the Trainer saves its collator's tokenizer with the weights."""
     spec.save(folder)
-    tokenizer.save_pretrained(str(folder))
     write_json(folder / RECIPE_FILE, {"format_version": FORMAT_VERSION, "recipe": run_recipe})
     (folder / MARKER).write_text("ok\n")
 
@@ -101,6 +101,30 @@ def finished_run(output_dir: Path) -> dict[str, Any] | None:
 def record_finished(output_dir: Path, run_recipe: dict[str, str], **details: Any) -> None:
     """Mark the folder's run finished (run id, model URI, version, metrics), so a rerun trains nothing."""
     write_json(output_dir / FINISHED_FILE, {"format_version": FORMAT_VERSION, "recipe": run_recipe, **details})
+
+
+# What a checkpoint holds only so that training can continue from it. ZeRO-3's ``global_step*/`` shards
+# are not among them: their ``*_optim_states.pt`` also hold the only fp32 copy of the weights, which
+# evaluating a ``global_stepN`` folder consolidates (textclf.model_sources).
+RESUME_ONLY_FILES = ("optimizer.pt", "scheduler.pt", "scaler.pt", "rng_state*.pth")
+
+
+def drop_resume_state(output_dir: Path) -> None:
+    """Delete the optimizer, scheduler, scaler and RNG state of a finished run's checkpoints.
+
+    A finished folder is never trained again (``plan_output_dir`` recognises ``finished_run.json``), so this
+    state only takes room: under LoRA the Adam moments are twice the adapters' size. The weights, the
+    spec and the trainer state stay, so that each checkpoint can still be evaluated. Call after
+    ``record_finished``: a run that dies before it keeps everything it needs to resume.
+    """
+    freed = 0
+    for folder in checkpoint_folders(output_dir):
+        for pattern in RESUME_ONLY_FILES:
+            for path in folder.glob(pattern):
+                freed += path.stat().st_size
+                path.unlink()
+    log.info("%s: removed the finished run's optimizer and scheduler state from its checkpoints (%.1f MB freed)",
+             output_dir, freed / 1e6)
 
 
 @dataclass

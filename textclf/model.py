@@ -295,8 +295,44 @@ def build_classifier(
     return TextClassifier(backbone, spec), tokenizer
 
 
+def frozen_base_keys(model: TextClassifier) -> set[str]:
+    """State-dict keys of the base model's frozen parameters: under LoRA, every backbone weight but the adapters."""
+    return {f"backbone.{name}" for name, parameter in model.backbone.named_parameters(remove_duplicate=False)
+            if not parameter.requires_grad}
+
+
+def trained_state(model: TextClassifier) -> dict[str, torch.Tensor]:
+    """The part of the state dict that training changes, which is what a checkpoint must hold.
+
+    Under LoRA that is the adapters, the head and the head's scaler buffers: the frozen backbone is
+    the base model's, unchanged, and reloads from there (for the 135M default it is 540 of a
+    checkpoint's 620 MB). Full fine-tuning changes every weight: the whole state dict.
+    """
+    state = model.state_dict()
+    if not model.spec.lora:
+        return state
+    frozen = frozen_base_keys(model)
+    return {key: value for key, value in state.items() if key not in frozen}
+
+
+def load_trained_state(model: TextClassifier, state_file: Path) -> None:
+    """Load a checkpoint's ``model.safetensors`` (whole, or only :func:`trained_state`) into ``model``,
+    whose frozen weights are the base model's.
+
+    Raises TextclfError when the file holds a key the model lacks, or lacks one that is not a frozen
+    base weight (a checkpoint of another model, or a trained weight missing).
+    """
+    loaded = model.load_state_dict(load_file(str(state_file)), strict=False)
+    missing = sorted(set(loaded.missing_keys) - frozen_base_keys(model))
+    if missing or loaded.unexpected_keys:
+        problems = [f"{label} {', '.join(keys[:3])}{f' and {len(keys) - 3} more' if len(keys) > 3 else ''}"
+                    for label, keys in (("missing", missing), ("unknown", loaded.unexpected_keys)) if keys]
+        raise TextclfError(f"{state_file}: does not fit the model ({'; '.join(problems)})")
+
+
 def rebuild_from_state(folder: Path, state_file: Path) -> tuple[TextClassifier, PreTrainedTokenizerBase]:
-    """Rebuild a classifier from a spec and a Trainer checkpoint's full state dict (``model.safetensors``)."""
+    """Rebuild a classifier from a spec and a Trainer checkpoint's state dict (``model.safetensors``): the
+    whole model, or under LoRA only what training changed (the frozen weights come from the base model)."""
     spec = ClassifierSpec.load(folder)
     path = resolve_model_path(spec.base_model)
     tokenizer = load_tokenizer(str(folder)) if (folder / "tokenizer_config.json").exists() else load_tokenizer(path)
@@ -306,7 +342,7 @@ def rebuild_from_state(folder: Path, state_file: Path) -> tuple[TextClassifier, 
 
         backbone = get_peft_model(backbone, LoraConfig(bias="none", **spec.lora))
     model = TextClassifier(backbone, spec)
-    model.load_state_dict(load_file(str(state_file)))
+    load_trained_state(model, state_file)
     return model.eval(), tokenizer
 
 

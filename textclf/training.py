@@ -33,11 +33,12 @@ from textclf.dropout import use_fast_cpu_dropout
 from textclf.errors import TextclfError
 from textclf.evaluation import METRIC_NAMES, classification_metrics, confusion, write_test_artifacts
 from textclf.inference import Predictor
-from textclf.model import build_classifier, save_classifier
+from textclf.model import build_classifier, load_trained_state, save_classifier, trained_state
 from textclf import serving
 from textclf import tracking
 
 log = logging.getLogger(__name__)
+WEIGHTS_FILE = "model.safetensors"  # what the Trainer names a checkpoint's weights
 
 
 @dataclass
@@ -119,16 +120,16 @@ def training_arguments(config: RunConfig, output_dir: Path, precision: str, deep
 
 
 class CheckpointCallback(TrainerCallback):
-    """Makes each checkpoint describe itself (textclf.json, tokenizer, the run's recipe) and marks it complete last."""
+    """Makes each checkpoint describe itself (textclf.json, the run's recipe) and marks it complete last."""
 
-    def __init__(self, spec, tokenizer, run_recipe: dict[str, str]):
-        self.spec, self.tokenizer, self.run_recipe = spec, tokenizer, run_recipe
+    def __init__(self, spec, run_recipe: dict[str, str]):
+        self.spec, self.run_recipe = spec, run_recipe
 
     def on_save(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
             folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             if folder.is_dir():
-                checkpoints.finalize(folder, self.spec, self.tokenizer, self.run_recipe)
+                checkpoints.finalize(folder, self.spec, self.run_recipe)
 
 
 class TimeBudgetCallback(TrainerCallback):
@@ -228,7 +229,7 @@ def run_training(
             model.gradient_checkpointing_enable()
         evaluation_state: dict[str, Any] = {}
         callbacks = [tracking.MlflowTrainingCallback(model, evaluation_state),
-                     CheckpointCallback(model.spec, tokenizer, run_recipe)]
+                     CheckpointCallback(model.spec, run_recipe)]
         if config.training.max_train_minutes:
             callbacks.append(TimeBudgetCallback(config.training.max_train_minutes))
         trainer = ClassifierTrainer(
@@ -262,6 +263,7 @@ def run_training(
             registered_model=result.registered_model, registered_version=result.registered_version,
             best=result.best_metrics, test=result.test_metrics,
         )
+        checkpoints.drop_resume_state(output_dir)
     return result
 
 
@@ -278,7 +280,6 @@ def restore_finished_training(trainer: Trainer, model, checkpoint: Path, partiti
     ``max_steps`` (transformers 5: it skips the trained batches, then runs the next one before it checks
     the step count). Raises TextclfError under ZeRO-3, whose sharded weights only the engine can load.
     """
-    from safetensors.torch import load_file
     from transformers import TrainerState
 
     if partitioned:
@@ -287,7 +288,7 @@ def restore_finished_training(trainer: Trainer, model, checkpoint: Path, partiti
     trainer.state = TrainerState.load_from_json(str(checkpoint / "trainer_state.json"))
     best = Path(trainer.state.best_model_checkpoint or checkpoint)
     best = checkpoint.parent / best.name  # the folder may have moved since the state was written
-    model.load_state_dict(load_file(str(best / "model.safetensors")))
+    load_trained_state(model, best / WEIGHTS_FILE)
     log.info("%s is the last step of the schedule: nothing left to train; best checkpoint %s", checkpoint, best.name)
 
 
@@ -348,10 +349,17 @@ def training_collator(tokenizer) -> DataCollatorWithPadding:
 
 
 class ClassifierTrainer(Trainer):
-    """The Trainer with one change: the classification head may learn at its own rate.
+    """The Trainer with two changes: the classification head may learn at its own rate, and a LoRA
+    checkpoint holds only what training changes.
 
     Overriding ``create_optimizer`` (rather than passing ``optimizers=``) keeps one code path for plain
     training and DeepSpeed, which calls it when its config names no optimizer.
+
+    The model is a plain ``nn.Module``, whose whole state dict the Trainer saves in every checkpoint: under
+    LoRA mostly the frozen base model, a copy of what is on disk already. ``_save`` (the weights of each
+    checkpoint) writes :func:`trained_state` instead, and the two readers of those weights, ``_load_from_checkpoint``
+    (resume) and ``_load_best_model`` (``load_best_model_at_end``), load it onto the base weights the model
+    already holds. Under DeepSpeed the engine writes and reads its own files: those paths stay the Trainer's.
     """
 
     def __init__(self, *args, head_learning_rate: float | None = None, **kwargs):
@@ -366,6 +374,24 @@ class ClassifierTrainer(Trainer):
                                       self.args.weight_decay, set(self.get_decay_parameter_names(model)))
             self.optimizer = optimizer_class(groups, **optimizer_kwargs)
         return self.optimizer
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        # A given state_dict comes from an engine (DeepSpeed's gathered weights): saved as it is.
+        if state_dict is None and not self.is_deepspeed_enabled:
+            state_dict = trained_state(self.model)
+        super()._save(output_dir, state_dict=state_dict)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+            return
+        load_trained_state(model or self.model, Path(resume_from_checkpoint) / WEIGHTS_FILE)
+
+    def _load_best_model(self) -> None:
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            super()._load_best_model()
+            return
+        load_trained_state(self.model, Path(self.state.best_model_checkpoint) / WEIGHTS_FILE)
 
 
 def parameter_groups(model, learning_rate: float, head_learning_rate: float, weight_decay: float,
