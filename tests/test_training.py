@@ -42,6 +42,10 @@ def test_train_tracks_everything_and_logs_a_self_contained_model(request, tmp_pa
     assert params["run.mode"] == mode and params["model.base_model"] == str(base_copy)
     assert float(params["training.learning_rate"]) == float(lr) and params["data.label_names"] == '["0", "1"]'
     assert all(len(value) <= 500 for value in params.values())
+    # The thread counts the run used, chosen on purpose (textclf.threads): every core of this process, one rank.
+    import torch
+
+    assert params["threads.intra_op"] == str(torch.get_num_threads()) and params["threads.inter_op"] == "1"
     losses = client.get_metric_history(run_id, "train/loss")
     assert len({m.step for m in losses}) >= 5
     assert [m.step for m in client.get_metric_history(run_id, "eval/f1_macro")] == [3, 6]

@@ -290,6 +290,17 @@ def log_config(config: RunConfig) -> None:
     mlflow.log_text(config.to_json(), "config.json")
 
 
+def log_process_params(params: dict[str, str]) -> None:
+    """Params that describe the process, not the recipe (thread counts). A resumed run may run with other
+    values, and MLflow refuses to change a logged param: a changed value goes to tag ``<name>.resumed``."""
+    run = mlflow.active_run()
+    logged = mlflow.MlflowClient().get_run(run.info.run_id).data.params
+    mlflow.log_params({k: v for k, v in params.items() if k not in logged})
+    changed = {f"{k}.resumed": v for k, v in params.items() if k in logged and logged[k] != v}
+    if changed:
+        mlflow.set_tags(changed)
+
+
 def log_dataset(frame: pd.DataFrame, source: str, name: str, context: str) -> None:
     dataset = mlflow.data.from_pandas(frame, source=source, name=name, targets="label")
     mlflow.log_input(dataset, context=context)

@@ -33,6 +33,7 @@ from textclf.dropout import use_fast_cpu_dropout
 from textclf.errors import TextclfError
 from textclf.evaluation import METRIC_NAMES, classification_metrics, confusion, write_test_artifacts
 from textclf.inference import Predictor
+from textclf.threads import configure_threads
 from textclf.model import build_classifier, load_trained_state, save_classifier, trained_state
 from textclf import serving
 from textclf import tracking
@@ -181,6 +182,7 @@ def run_training(
     input (before any run is started when the data, parameters or output folder are wrong); the run
     ends FAILED on any error and KILLED on SIGINT/SIGTERM.
     """
+    threads = configure_threads()
     precision = resolve_precision(config.training.precision)
     splits = load_splits(config.data)  # bad data fails here, before an MLflow run exists
     output_dir = config.run_output_dir
@@ -201,6 +203,7 @@ def run_training(
                               offline_dir=output_dir) as run:
         if run is not None:
             _log_run_inputs(config, splits, precision, resume_from)
+            tracking.log_process_params(threads.as_params())
             if deepspeed is not None:
                 mlflow.log_dict(deepspeed, "deepspeed_config.json")
                 mlflow.log_param("deepspeed.world_size", os.environ.get("WORLD_SIZE", "1"))
