@@ -36,7 +36,8 @@ def train_deepspeed(num_procs: float, num_nodes: float, node_rank: float, master
         from textclf.deepspeed import Nodes, build_deepspeed_config, launch, teardown_process_group
         from textclf.errors import TextclfError
         from textclf import checkpoints
-        from textclf.training import already_finished, recipe_of, resolve_precision, run_training
+        from textclf.trainer_setup import resolve_precision
+        from textclf.training import already_finished, run_training
         from entrypoints.train import report
 
         mode = params.pop("mode") or "lora"
@@ -52,7 +53,7 @@ def train_deepspeed(num_procs: float, num_nodes: float, node_rank: float, master
         # finished run without starting any.
         nodes = Nodes(num_nodes, node_rank, master_addr, master_port)
         splits = load_splits(config.data)
-        run_recipe = recipe_of(config, splits, resolve_precision(config.training.precision), deepspeed,
+        run_recipe = checkpoints.recipe_of(config, splits, resolve_precision(config.training.precision), deepspeed,
                                num_procs * num_nodes)
         plan = checkpoints.plan_output_dir(config.run_output_dir, config.resume, run_recipe, main_process=nodes.is_main)
         if plan.finished is not None:

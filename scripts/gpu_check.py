@@ -561,7 +561,7 @@ def measured(function: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     return result
 
 
-def warm_step_timer(model, flop_model, warmup: int):
+def warm_step_timer(counts, flop_model, warmup: int):
     """textclf.bench.StepTimer that starts counting after ``warmup`` steps (torch.compile compiles during
     the first steps: once per new shape until it marks the sequence length dynamic)."""
     from textclf.bench import StepTimer
@@ -572,7 +572,7 @@ def warm_step_timer(model, flop_model, warmup: int):
             if state.global_step <= warmup:
                 self.totals = {key: 0 for key in self.totals}
 
-    return WarmStepTimer(model, flop_model)
+    return WarmStepTimer(counts, flop_model)
 
 
 def measure_lever(config, pad_to_max_length: bool, setting: str, *, attention: str | None = None,
@@ -581,21 +581,16 @@ def measure_lever(config, pad_to_max_length: bool, setting: str, *, attention: s
     """textclf.bench.measure_training with one lever changed. It is that function step by step (same
     config, model, collator, Trainer arguments and timer), because measure_training has no parameter for
     the attention implementation, the optimizer, torch.compile, gradient checkpointing or the warm-up."""
-    from transformers import DataCollatorWithPadding, set_seed
+    from transformers import DataCollatorWithPadding
 
     from textclf.bench import FlopModel, Throughput
-    from textclf.data import load_splits
-    from textclf.encoding import PromptEncoder
-    from textclf.model import base_of, build_classifier
-    from textclf.training import (ClassifierTrainer, adapt_to_device, resolve_precision, training_arguments,
-                                  training_collator)
+    from textclf.model import base_of
+    from textclf.trainer_setup import (BatchCounts, ClassifierTrainer, prepare, resolve_precision, training_arguments,
+                                       training_collator)
 
     precision = resolve_precision(config.training.precision)
-    splits = load_splits(config.data)
-    set_seed(config.seed)
-    model, tokenizer = build_classifier(config.model, config.mode, splits.label_names, config.data.prompt_template,
-                                        config.data.max_length)
-    adapt_to_device(model)
+    prepared = prepare(config)
+    model, tokenizer = prepared.model, prepared.tokenizer
     base = base_of(model.backbone)
     if attention:
         if hasattr(base, "set_attn_implementation"):
@@ -604,14 +599,13 @@ def measure_lever(config, pad_to_max_length: bool, setting: str, *, attention: s
             base.config._attn_implementation = attention
     if gradient_checkpointing:
         model.gradient_checkpointing_enable()  # as textclf.training.run_training does
-    encoder = PromptEncoder(tokenizer, config.data.prompt_template, splits.label_names, config.data.max_length)
-    train_set, _ = encoder.dataset(splits.train["text"], splits.train["label"])
     if pad_to_max_length:
         collator = DataCollatorWithPadding(tokenizer, padding="max_length", max_length=config.data.max_length)
     else:
         collator = training_collator(tokenizer)
     flop_model = FlopModel.of(model)
-    timer = warm_step_timer(model, flop_model, warmup)
+    counts = BatchCounts()
+    timer = warm_step_timer(counts, flop_model, warmup)
     changes: dict[str, Any] = {"eval_strategy": "no", "save_strategy": "no", "load_best_model_at_end": False}
     if optim:
         changes["optim"] = optim
@@ -619,8 +613,9 @@ def measure_lever(config, pad_to_max_length: bool, setting: str, *, attention: s
         changes.update(torch_compile=True, torch_compile_backend=compile_backend)
     with tempfile.TemporaryDirectory() as tmp:
         args = dataclasses.replace(training_arguments(config, Path(tmp), precision), **changes)
-        trainer = ClassifierTrainer(model=model, args=args, train_dataset=train_set, data_collator=collator,
-                                    callbacks=[timer], head_learning_rate=config.training.head_learning_rate)
+        trainer = ClassifierTrainer(model=model, args=args, train_dataset=prepared.train_set, data_collator=collator,
+                                    callbacks=[timer], head_learning_rate=config.training.head_learning_rate,
+                                    batch_counts=counts)
         trainer.train()
         optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)  # under accelerate's wrapper
         ran = {"attn_implementation": str(base.config._attn_implementation),
@@ -670,7 +665,7 @@ def check_throughput(check: Check, plan: Plan, model_dir: Path) -> dict[str, Any
     import torch
 
     from textclf.bench import matmul_peak
-    from textclf.training import resolve_precision
+    from textclf.trainer_setup import resolve_precision
 
     cuda = torch.cuda.is_available()
     section = check.report["throughput"]
@@ -728,27 +723,20 @@ def padding_free(plan: Plan, model_dir: Path, tmp: str) -> dict[str, Any]:
     fp32 and without dropout, the pooled features of both layouts must agree.
     """
     import torch
-    from transformers import DataCollatorWithFlattening, set_seed
+    from transformers import DataCollatorWithFlattening
 
     from textclf.bench import FlopModel, bench_config
-    from textclf.data import load_splits
-    from textclf.encoding import PromptEncoder, batches_by_length, pad_batch
-    from textclf.model import build_classifier
-    from textclf.training import adapt_to_device, resolve_precision
+    from textclf.encoding import batches_by_length, pad_batch
+    from textclf.trainer_setup import prepare, resolve_precision
 
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
     batch, steps = plan.bench_batch, plan.bench_steps
     config = bench_config(str(model_dir), "sst2", steps * batch, steps, 512, True, tmp, "lora")
     precision = resolve_precision(config.training.precision)
-    splits = load_splits(config.data)
-    set_seed(config.seed)
-    model, tokenizer = build_classifier(config.model, "lora", splits.label_names, config.data.prompt_template,
-                                        config.data.max_length)
-    adapt_to_device(model)
+    prepared = prepare(config)  # config.mode is lora
+    splits, model, tokenizer, encoded = prepared.splits, prepared.model, prepared.tokenizer, prepared.train_encoded
     model.to(device)
-    encoder = PromptEncoder(tokenizer, config.data.prompt_template, splits.label_names, config.data.max_length)
-    encoded = encoder.encode(splits.train["text"].tolist())
     labels = torch.tensor(splits.train["label"].tolist())
     groups = batches_by_length(encoded.lengths, batch)[:steps]
     flatten = DataCollatorWithFlattening(return_position_ids=True)

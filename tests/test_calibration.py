@@ -135,7 +135,7 @@ def overconfident(monkeypatch):
     """Scale the head's output layer just before the run is finished (tested, calibrated, saved)."""
     import textclf.training as training
 
-    original = training._finish
+    original = training.finish_run
 
     def finish(config, trainer, model, *args, **kwargs):
         last = [m for m in model.head.modules() if isinstance(m, nn.Linear)][-1]
@@ -144,7 +144,7 @@ def overconfident(monkeypatch):
             last.bias.mul_(OVERCONFIDENCE)
         return original(config, trainer, model, *args, **kwargs)
 
-    monkeypatch.setattr(training, "_finish", finish)
+    monkeypatch.setattr(training, "finish_run", finish)
 
 
 def train_run(*args: str) -> str:

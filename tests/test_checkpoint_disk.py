@@ -142,3 +142,33 @@ def test_a_checkpoint_lacking_a_trained_weight_is_refused_and_a_slim_one_rebuild
     save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "model.safetensors"))
     with pytest.raises(TextclfError, match=r"does not fit the model \(missing head\.2\.weight\)"):
         rebuild_from_state(tmp_path, tmp_path / "model.safetensors")
+
+
+def test_the_model_folder_and_checkpoints_say_how_they_were_made_and_older_folders_still_load(mlflow_store, tiny_dataset,
+                                                                                               tiny_llama):
+    from textclf.config import run_config_from_dict
+    from textclf.inference import Predictor
+    from textclf.model import FORMAT_VERSION, RUN_CONFIG_FILE, SPEC_FILE, load_run_config
+    from textclf.model_sources import load_model_source
+
+    result = invoke("--data_path", str(tiny_dataset), "--base_model", tiny_llama, "--max_steps", "2", *TINY)
+    assert result.exit_code == 0, result.output
+    run = finished_run(OUTPUT)
+    logged = json.loads(Path(MlflowClient().download_artifacts(run.info.run_id, "config.json", ".")).read_text())
+    assert logged["training"]["max_steps"] == 2 and logged["model"]["base_model"] == tiny_llama
+    texts = [json.loads(line)["text"] for line in (tiny_dataset / "test.jsonl").read_text().splitlines()]
+    for folder, kind in ((OUTPUT / "model", "textclf model folder"), (OUTPUT / "checkpoint-2", "Trainer checkpoint")):
+        assert load_run_config(folder) == logged, folder
+        assert run_config_from_dict(load_run_config(folder)).to_dict() == logged
+        assert json.loads((folder / SPEC_FILE).read_text())["format_version"] == FORMAT_VERSION
+        loaded = load_model_source(str(folder))
+        expected = Predictor(loaded.model, loaded.tokenizer).logits(texts)
+
+        # As written before folders carried their run's config and a format version (version 1).
+        (folder / RUN_CONFIG_FILE).unlink()
+        spec = json.loads((folder / SPEC_FILE).read_text())
+        del spec["format_version"]
+        (folder / SPEC_FILE).write_text(json.dumps(spec))
+        old = load_model_source(str(folder))
+        assert old.kind == kind and load_run_config(folder) is None
+        np.testing.assert_allclose(Predictor(old.model, old.tokenizer).logits(texts), expected, atol=1e-6)

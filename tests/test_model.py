@@ -73,6 +73,22 @@ def test_missing_or_invalid_base_model(tmp_path):
         make(str(tmp_path / "notamodel"))
 
 
+def test_a_saved_model_is_no_base_model_and_a_newer_folder_format_is_refused(tmp_path, tiny_llama):
+    import json
+
+    from textclf.model import FORMAT_VERSION, SPEC_FILE
+
+    model, tokenizer = make(tiny_llama)
+    save_classifier(model, tokenizer, tmp_path / "model", {"seed": 0})
+    # Its config.json is the run's configuration: the folder is still no Hugging Face base model.
+    with pytest.raises(TextclfError, match="not a Hugging Face model folder but a trained textclf model"):
+        make(str(tmp_path / "model"))
+    spec = json.loads((tmp_path / "model" / SPEC_FILE).read_text())
+    (tmp_path / "model" / SPEC_FILE).write_text(json.dumps({**spec, "format_version": FORMAT_VERSION + 1}))
+    with pytest.raises(TextclfError, match="by a newer textclf"):
+        load_classifier(tmp_path / "model")
+
+
 @pytest.mark.parametrize("mode", ["lora", "full"])
 def test_save_load_round_trip_and_merged_equals_adapter(tmp_path, tiny_llama, mode):
     model, tokenizer = make(tiny_llama, mode=mode)

@@ -130,7 +130,7 @@ def test_head_learning_rate_builds_its_own_groups_and_decay_spares_biases_and_no
     from transformers import TrainingArguments
 
     from textclf.config import build_config
-    from textclf.training import ClassifierTrainer
+    from textclf.trainer_setup import ClassifierTrainer
     from textclf.model import build_classifier
 
     config = build_config("full", base_model=tiny_llama)
@@ -160,7 +160,7 @@ def test_group_by_length_does_not_change_evaluation_of_a_checkpoint(mlflow_store
     from textclf.data import load_splits
     from textclf.encoding import PromptEncoder
     from textclf.model import build_classifier
-    from textclf.training import ClassifierTrainer, make_compute_metrics, training_collator
+    from textclf.trainer_setup import ClassifierTrainer, make_compute_metrics, training_collator
     from transformers import set_seed
 
     config = build_config("lora", data_path=str(tiny_dataset), base_model=tiny_llama, max_length=128)

@@ -19,14 +19,14 @@ from typing import Any, Iterator
 
 import torch
 from torch import nn
-from transformers import DataCollatorWithPadding, TrainerCallback, set_seed
+from transformers import DataCollatorWithPadding, TrainerCallback
 
 from textclf.config import RunConfig, build_config
 from textclf.data import load_splits
 from textclf.encoding import PromptEncoder, batches_by_length, pad_batch
-from textclf.model import TextClassifier, base_of, build_classifier
-from textclf.training import (ClassifierTrainer, adapt_to_device, resolve_precision, training_arguments,
-                              training_collator)
+from textclf.model import TextClassifier, base_of
+from textclf.trainer_setup import (BatchCounts, ClassifierTrainer, prepare, resolve_precision, training_arguments,
+                                   training_collator)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -120,16 +120,16 @@ class Throughput:
 
 
 class StepTimer(TrainerCallback):
-    """Wall time and tokens of every step after the first, read off the model's token counters."""
+    """Wall time and tokens of every step after the first, read off the Trainer's batch counts."""
 
-    def __init__(self, model: TextClassifier, flop_model: FlopModel):
-        self.model, self.flop_model = model, flop_model
+    def __init__(self, counts: BatchCounts, flop_model: FlopModel):
+        self.counts, self.flop_model = counts, flop_model
         self.last_end: float | None = None
         self.last_counters: dict[str, int] = {}
         self.totals = dict(steps=0, samples=0, real_tokens=0, padded_tokens=0, seconds=0.0, flops=0.0)
 
     def on_step_end(self, args, state, control, **kwargs):
-        now, counters = time.perf_counter(), dict(self.model.counters)
+        now, counters = time.perf_counter(), asdict(self.counts)
         if self.last_end is not None:  # the first step (allocations, optimizer state) is the warm-up
             delta = {k: counters[k] - self.last_counters[k] for k in counters}
             # Batches are padded to a rectangle: padded tokens / rows is the step's sequence length.
@@ -161,25 +161,22 @@ def bench_config(base_model: str, dataset: str, rows: int, steps: int, max_lengt
 def measure_training(config: RunConfig, pad_to_max_length: bool, setting: str) -> tuple[Throughput, FlopModel]:
     """Train ``config.training.max_steps`` steps with the Trainer textclf uses; time all but the first."""
     precision = resolve_precision(config.training.precision)
-    splits = load_splits(config.data)
-    set_seed(config.seed)
-    model, tokenizer = build_classifier(config.model, config.mode, splits.label_names, config.data.prompt_template,
-                                        config.data.max_length)
-    adapt_to_device(model)
-    encoder = PromptEncoder(tokenizer, config.data.prompt_template, splits.label_names, config.data.max_length)
-    train_set, _ = encoder.dataset(splits.train["text"], splits.train["label"])
+    prepared = prepare(config)
+    model, tokenizer = prepared.model, prepared.tokenizer
     if pad_to_max_length:
         collator = DataCollatorWithPadding(tokenizer, padding="max_length", max_length=config.data.max_length)
     else:
         collator = training_collator(tokenizer)
     flop_model = FlopModel.of(model)
-    timer = StepTimer(model, flop_model)
+    counts = BatchCounts()
+    timer = StepTimer(counts, flop_model)
     with tempfile.TemporaryDirectory() as tmp:
         # textclf's arguments without evaluation and checkpoints, which are not what is timed here.
         args = dataclasses.replace(training_arguments(config, Path(tmp), precision), eval_strategy="no",
                                    save_strategy="no", load_best_model_at_end=False)
-        trainer = ClassifierTrainer(model=model, args=args, train_dataset=train_set, data_collator=collator,
-                                    callbacks=[timer], head_learning_rate=config.training.head_learning_rate)
+        trainer = ClassifierTrainer(model=model, args=args, train_dataset=prepared.train_set, data_collator=collator,
+                                    callbacks=[timer], head_learning_rate=config.training.head_learning_rate,
+                                    batch_counts=counts)
         trainer.train()
     return Throughput(setting=setting, **timer.totals), flop_model
 
@@ -231,15 +228,12 @@ def save_logged_model(config: RunConfig, folder: Path) -> tuple[Path, str]:
     from textclf import serving
     from textclf.model import save_classifier
 
-    splits = load_splits(config.data)
-    set_seed(config.seed)
-    model, tokenizer = build_classifier(config.model, config.mode, splits.label_names, config.data.prompt_template,
-                                        config.data.max_length)
+    prepared = prepare(config)
     model_dir = folder / "model"
-    save_classifier(model.eval(), tokenizer, model_dir)
+    save_classifier(prepared.model.eval(), prepared.tokenizer, model_dir, config.to_dict())
     mlflow.set_experiment("textclf-bench")
     with mlflow.start_run():
-        uri = serving.log_model(model_dir, splits.label_names, splits.validation["text"].tolist())
+        uri = serving.log_model(model_dir, prepared.splits.label_names, prepared.splits.validation["text"].tolist())
     return model_dir, uri
 
 

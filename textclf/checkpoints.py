@@ -2,14 +2,16 @@
 decision a start makes for a folder (start fresh, resume a checkpoint, or recognise a finished run).
 
 The Trainer writes ``checkpoint-N`` in place; a crash can leave one half-written. We write a
-``textclf.json`` (so the checkpoint can be evaluated alone), the run's recipe (``run_config.json``),
-and then a ``COMPLETE`` marker, last. A checkpoint without the marker is never resumed from; it is
-renamed aside, not deleted. A checkpoint resumes only into the recipe that wrote it, and a folder
-whose run finished (``finished_run.json``) is never trained again.
+``textclf.json`` (so the checkpoint can be evaluated alone) and the run's whole configuration
+(``config.json``), as a saved model folder has them, the run's recipe (``run_config.json``: the parameters
+that must match to resume), and then a ``COMPLETE`` marker, last. A checkpoint without the marker is never
+resumed from; it is renamed aside, not deleted. A checkpoint resumes only into the recipe that wrote it,
+and a folder whose run finished (``finished_run.json``) is never trained again.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -19,6 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
+
+from textclf.config import RunConfig, flatten
 from textclf.errors import TextclfError
 
 log = logging.getLogger(__name__)
@@ -26,7 +31,8 @@ log = logging.getLogger(__name__)
 MARKER = "COMPLETE"
 RECIPE_FILE = "run_config.json"
 FINISHED_FILE = "finished_run.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # of run_config.json and finished_run.json (textclf.json has its own: model.FORMAT_VERSION)
+WEIGHTS_FILE = "model.safetensors"  # what the Trainer names a checkpoint's weights
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 # Parameters that name or steer the run without changing what a training step computes: a checkpoint
 # written under one value resumes under another (a new time budget, a new register choice, ...).
@@ -42,6 +48,25 @@ def recipe(flat_config: dict[str, str], **extra: Any) -> dict[str, str]:
     return out
 
 
+def recipe_of(config: RunConfig, splits, precision: str, deepspeed: dict | None,
+              world_size: int | None = None) -> dict[str, str]:
+    """What determines the training in this folder: parameters, engine, precision and the data's content
+    (``splits``: the run's textclf.data.LabeledSplits). ``world_size`` defaults to this process's (the launcher,
+    before its processes exist, passes it)."""
+    engine = {"engine": "trainer", "world_size": 1}
+    if deepspeed is not None:
+        engine = {"engine": "deepspeed", "world_size": world_size or os.environ.get("WORLD_SIZE", "1"),
+                  "deepspeed_config": json.dumps(deepspeed, sort_keys=True)}
+    return recipe(flatten(config), resolved_precision=precision, **engine, **data_digests(splits))
+
+
+def data_digests(splits) -> dict[str, str]:
+    """A content hash per split: a checkpoint never resumes onto other rows under the same parameters."""
+    frames = {"train": splits.train, "validation": splits.validation, "test": splits.test}
+    return {f"data.digest.{name}": hashlib.sha256(pd.util.hash_pandas_object(frame, index=False).values).hexdigest()[:16]
+            for name, frame in frames.items() if frame is not None}
+
+
 def differences(recorded: dict[str, str], current: dict[str, str]) -> list[str]:
     """``name: recorded -> current`` for every parameter that differs, sorted."""
     keys = sorted(set(recorded) | set(current))
@@ -53,10 +78,10 @@ def _short(value: str, limit: int = 60) -> str:
     return value if len(value) <= limit else value[: limit - 3] + "..."
 
 
-def finalize(folder: Path, spec, run_recipe: dict[str, str]) -> None:
-    """Make a Trainer checkpoint self-describing (model spec, recipe), then mark it complete. The tokenizer
-    is already there: the Trainer saves its collator's tokenizer with the weights."""
-    spec.save(folder)
+def finalize(folder: Path, spec, run_recipe: dict[str, str], run_config: dict[str, Any] | None = None) -> None:
+    """Make a Trainer checkpoint self-describing (model spec, the run's configuration, recipe), then mark it
+    complete. The tokenizer is already there: the Trainer saves its collator's tokenizer with the weights."""
+    spec.save(folder, run_config)
     write_json(folder / RECIPE_FILE, {"format_version": FORMAT_VERSION, "recipe": run_recipe})
     (folder / MARKER).write_text("ok\n")
 
@@ -90,6 +115,12 @@ def checkpoint_recipe(folder: Path) -> dict[str, str] | None:
     if not path.exists():
         return None
     return json.loads(path.read_text())["recipe"]
+
+
+def is_last_step(checkpoint: Path) -> bool:
+    """Whether ``checkpoint`` is the last step of its schedule (the process died after it, before finishing)."""
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    return state["global_step"] >= state["max_steps"]
 
 
 def finished_run(output_dir: Path) -> dict[str, Any] | None:

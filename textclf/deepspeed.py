@@ -1,4 +1,5 @@
-"""DeepSpeed ZeRO-3: the config built from a run's parameters, and the multi-process launch.
+"""DeepSpeed ZeRO-3: the config built from a run's parameters, the multi-process launch, and gathering the
+trained weights into one model.
 
 The training itself is :func:`textclf.training.run_training`, unchanged: the Trainer drives the
 DeepSpeed engine when ``TrainingArguments(deepspeed=...)`` is set.
@@ -7,6 +8,7 @@ DeepSpeed engine when ``TrainingArguments(deepspeed=...)`` is set.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -14,7 +16,10 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from textclf.checkpoints import WEIGHTS_FILE
 from textclf.errors import TextclfError
+
+log = logging.getLogger(__name__)
 
 OFFLOADS = ("none", "cpu")
 
@@ -96,3 +101,31 @@ def teardown_process_group() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+def consolidate(trainer, model, folder: Path):
+    """Gather ZeRO-3 shards into one state dict (every rank must call this), and on rank 0 rebuild a
+    plain in-memory model from it. Raises TextclfError when the gathered weights are incomplete
+    (a ZeRO-3 save of a few hundred KB is a known failure)."""
+    import numpy as np
+    from safetensors import safe_open
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    from textclf.model import rebuild_from_state
+
+    # Writes the weights and, on rank 0, the training collator's tokenizer (the Trainer saves it with them).
+    trainer.save_model(str(folder))
+    # Training is over: without this, loading the base model below would start a ZeRO-3 partitioned
+    # load, a collective that rank 0 alone waits on forever.
+    unset_hf_deepspeed_config()
+    if not trainer.is_world_process_zero():
+        return None
+    model.spec.save(folder)
+    rebuilt, _ = rebuild_from_state(folder, folder / WEIGHTS_FILE)
+    with safe_open(str(folder / WEIGHTS_FILE), "pt") as weights:
+        saved = sum(int(np.prod(weights.get_slice(key).get_shape())) for key in weights.keys())
+    expected = sum(p.numel() for p in rebuilt.state_dict().values())
+    if saved != expected:
+        raise TextclfError(f"{folder}: consolidated weights hold {saved} values, the model has {expected}")
+    log.info("consolidated %d parameters into %s", saved, folder)
+    return rebuilt

@@ -97,16 +97,23 @@ class PromptEncoder:
         ]
 
     def dataset(self, texts: Sequence[str], labels: Sequence[int] | None = None) -> tuple[Dataset, EncodedTexts]:
-        """A ``datasets.Dataset`` with input_ids, attention_mask, length (for grouping) and labels."""
+        """A ``datasets.Dataset`` with input_ids, attention_mask and labels, in the order of ``texts``.
+
+        No length column: the Trainer drops the columns its model's forward does not take before it builds
+        its length-grouped sampler, which then measures ``input_ids`` itself."""
         encoded = self.encode(texts)
         columns = {
             "input_ids": encoded.input_ids,
             "attention_mask": [[1] * n for n in encoded.lengths],
-            "length": encoded.lengths,
         }
         if labels is not None:
             columns["labels"] = [int(label) for label in labels]
         return Dataset.from_dict(columns), encoded
+
+
+def longest_first(lengths: Sequence[int]) -> list[int]:
+    """Indices from the longest to the shortest; equal lengths keep their order (a stable sort)."""
+    return sorted(range(len(lengths)), key=lambda i: -lengths[i])
 
 
 def batches_by_length(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
@@ -114,7 +121,7 @@ def batches_by_length(lengths: Sequence[int], batch_size: int) -> list[list[int]
 
     Callers must scatter results back with these indices: sorted order is not input order.
     """
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    order = longest_first(lengths)
     return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
 
 

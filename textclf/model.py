@@ -1,8 +1,9 @@
 """The classifier: a pretrained base model, pooling, a classification head, and optional LoRA.
 
 A saved model folder describes itself (``textclf.json``: label names, prompt template, max length,
-pooling, head, base model reference, LoRA settings) next to its tokenizer, backbone weights and
-head weights, so it predicts offline with nothing else on disk.
+pooling, head, base model reference, LoRA settings, the folder's ``format_version``; ``config.json``: the
+whole configuration of the run that trained it) next to its tokenizer, backbone weights and head weights,
+so it predicts offline with nothing else on disk, and says how it was made.
 """
 
 from __future__ import annotations
@@ -26,6 +27,12 @@ from textclf.errors import TextclfError
 log = logging.getLogger(__name__)
 
 SPEC_FILE = "textclf.json"
+RUN_CONFIG_FILE = "config.json"  # the run's RunConfig.to_dict(), as the run logs it to MLflow
+# The layout of a model folder or checkpoint, written into textclf.json:
+#   1: textclf.json without format_version, and no config.json (folders written before either existed);
+#   2: textclf.json holds format_version, and config.json sits beside it when a training run wrote the folder.
+# Loading accepts every version up to this one.
+FORMAT_VERSION = 2
 HEAD_FILE = "head.safetensors"
 BACKBONE_DIR = "backbone"
 ADAPTER_DIR = "adapter"
@@ -59,16 +66,35 @@ class ClassifierSpec:
     lora: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
-    def save(self, folder: Path) -> None:
+    def save(self, folder: Path, run_config: dict[str, Any] | None = None) -> None:
+        """Write ``textclf.json`` (this spec and the folder's FORMAT_VERSION) and, given the run's
+        configuration (``RunConfig.to_dict()``), ``config.json``."""
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / SPEC_FILE).write_text(json.dumps(asdict(self), indent=2, ensure_ascii=False))
+        (folder / SPEC_FILE).write_text(json.dumps({"format_version": FORMAT_VERSION, **asdict(self)}, indent=2,
+                                                   ensure_ascii=False))
+        if run_config is not None:
+            (folder / RUN_CONFIG_FILE).write_text(json.dumps(run_config, indent=2, sort_keys=True))
 
     @classmethod
     def load(cls, folder: Path) -> "ClassifierSpec":
+        """The spec of a folder of any format version up to FORMAT_VERSION (one without ``format_version`` is
+        version 1). Raises TextclfError when ``textclf.json`` is missing or comes from a newer textclf."""
         path = folder / SPEC_FILE
         if not path.exists():
             raise TextclfError(f"{folder}: not a textclf model ({SPEC_FILE} is missing)")
-        return cls(**json.loads(path.read_text()))
+        values = json.loads(path.read_text())
+        version = values.pop("format_version", 1)
+        if version > FORMAT_VERSION:
+            raise TextclfError(f"{folder}: written in format version {version} by a newer textclf; this one reads "
+                               f"versions up to {FORMAT_VERSION}")
+        return cls(**values)
+
+
+def load_run_config(folder: Path) -> dict[str, Any] | None:
+    """The configuration of the run that wrote ``folder`` (``config.json``), or None for a folder written before
+    folders carried it (format version 1) or by something other than a training run."""
+    path = folder / RUN_CONFIG_FILE
+    return json.loads(path.read_text()) if path.exists() else None
 
 
 class FeatureScaler(nn.Module):
@@ -149,11 +175,6 @@ class TextClassifier(nn.Module):
         config = self.config
         config.id2label = dict(enumerate(spec.label_names))
         config.label2id = {name: i for i, name in enumerate(spec.label_names)}
-        self.reset_counters()
-
-    def reset_counters(self) -> None:
-        """Rows and tokens seen in training mode, for throughput metrics (Trainer reports no tokens/s)."""
-        self.counters = {"samples": 0, "real_tokens": 0, "padded_tokens": 0}
 
     @property
     def config(self):
@@ -162,10 +183,6 @@ class TextClassifier(nn.Module):
     def forward(self, input_ids=None, attention_mask=None, labels=None, **_: Any) -> SequenceClassifierOutput:
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        if self.training:
-            self.counters["samples"] += int(input_ids.shape[0])
-            self.counters["real_tokens"] += int(attention_mask.sum())
-            self.counters["padded_tokens"] += int(attention_mask.numel())
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         logits = self.head(self.pooled(hidden, attention_mask))
         loss = None
@@ -211,6 +228,9 @@ def resolve_model_path(name_or_path: str) -> str:
     """
     for candidate in (Path(name_or_path), REPO_ROOT / name_or_path):
         if candidate.is_dir():
+            if (candidate / SPEC_FILE).exists():  # its config.json is a run's configuration, not a model's
+                raise TextclfError(f"{candidate}: not a Hugging Face model folder but a trained textclf model "
+                                   f"(its base model: {ClassifierSpec.load(candidate).base_model})")
             if not (candidate / "config.json").exists():
                 raise TextclfError(f"{candidate}: not a Hugging Face model folder (config.json is missing)")
             return str(candidate)
@@ -346,8 +366,10 @@ def rebuild_from_state(folder: Path, state_file: Path) -> tuple[TextClassifier, 
     return model.eval(), tokenizer
 
 
-def save_classifier(model: TextClassifier, tokenizer: PreTrainedTokenizerBase, folder: Path) -> None:
-    """Write a self-contained model folder. LoRA adapters are saved alone too, then merged into the backbone.
+def save_classifier(model: TextClassifier, tokenizer: PreTrainedTokenizerBase, folder: Path,
+                    run_config: dict[str, Any] | None = None) -> None:
+    """Write a self-contained model folder (with ``config.json``, given the run's ``RunConfig.to_dict()``).
+    LoRA adapters are saved alone too, then merged into the backbone.
 
     Merging happens in place (the model keeps working and gives the same outputs); the written
     backbone is a plain transformers model, so loading needs neither PEFT nor the base model.
@@ -359,11 +381,12 @@ def save_classifier(model: TextClassifier, tokenizer: PreTrainedTokenizerBase, f
     model.backbone.save_pretrained(str(folder / BACKBONE_DIR))
     save_file({k: v.contiguous() for k, v in model.head.state_dict().items()}, str(folder / HEAD_FILE))
     tokenizer.save_pretrained(str(folder))
-    model.spec.save(folder)
+    model.spec.save(folder, run_config)
 
 
 def load_classifier(folder: str | os.PathLike) -> tuple[TextClassifier, PreTrainedTokenizerBase]:
-    """Load a folder written by :func:`save_classifier`. Raises TextclfError if it is not one."""
+    """Load a folder written by :func:`save_classifier`, of any format version (see FORMAT_VERSION). Raises
+    TextclfError if it is not one."""
     folder = Path(folder)
     spec = ClassifierSpec.load(folder)
     backbone = load_backbone(str(folder / BACKBONE_DIR))

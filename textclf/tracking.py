@@ -7,11 +7,11 @@ honoured; started directly, the run goes to experiment ``textclf-<dataset>``.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import os
 import resource
-import signal
 import socket
 import tempfile
 import time
@@ -26,7 +26,8 @@ from transformers import TrainerCallback
 
 from textclf.config import RunConfig, flatten
 from textclf.errors import TextclfError, TrainingInterrupted
-from textclf.offline import OfflineRecords
+from textclf.offline import OfflineRecords, connection_error
+from textclf.signals import interrupts_raise
 from textclf.evaluation import write_confusion
 
 log = logging.getLogger(__name__)
@@ -34,50 +35,6 @@ log = logging.getLogger(__name__)
 
 def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
-
-
-class _Interrupts:
-    """While ``deferred`` (inside the training loop), a signal is only recorded and raised by the
-    callback between steps: raised from inside library code it could be caught and re-wrapped.
-    A second signal raises at once."""
-
-    deferred = False
-    requested: str | None = None
-
-
-def raise_if_interrupted() -> None:
-    if _Interrupts.requested:
-        name, _Interrupts.requested = _Interrupts.requested, None
-        raise TrainingInterrupted(name)
-
-
-@contextlib.contextmanager
-def deferred_interrupts() -> Iterator[None]:
-    _Interrupts.deferred = True
-    try:
-        yield
-    finally:
-        _Interrupts.deferred = False
-    raise_if_interrupted()
-
-
-@contextlib.contextmanager
-def interrupts_raise() -> Iterator[None]:
-    """Turn SIGTERM and SIGINT into :class:`TrainingInterrupted`, so cleanup code runs."""
-
-    def handler(signum, _frame):
-        name = signal.Signals(signum).name
-        if _Interrupts.deferred and not _Interrupts.requested:
-            _Interrupts.requested = name
-            return
-        raise TrainingInterrupted(name)
-
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        yield
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
 
 
 @contextlib.contextmanager
@@ -290,6 +247,49 @@ def log_config(config: RunConfig) -> None:
     mlflow.log_text(config.to_json(), "config.json")
 
 
+def log_run_inputs(config: RunConfig, splits, precision: str, resume_from: Path | None,
+                   process_params: dict[str, str], deepspeed: dict | None) -> None:
+    """What a training run starts from: its config (params and ``config.json``), resolved precision, labels and
+    row counts, data notes, the datasets with their digests, the process's thread counts and the DeepSpeed
+    config. ``splits`` is the run's textclf.data.LabeledSplits."""
+    log_config(config)
+    mlflow.log_params({"resolved.precision": precision, "data.label_names": json.dumps(splits.label_names)[:500],
+                       "data.label_source": splits.label_source,
+                       **{f"data.rows.{k}": v for k, v in splits.summary().items()}})
+    if splits.notes:
+        mlflow.log_text("\n".join(splits.notes) + "\n", "data_notes.txt")
+    if resume_from:
+        mlflow.set_tag("resumed_from", str(resume_from))
+    source = str(config.data.resolved_path())
+    log_dataset(splits.train, source, f"{config.dataset_name}-train", "training")
+    log_dataset(splits.validation, source, f"{config.dataset_name}-validation", "validation")
+    if splits.test is not None:
+        log_dataset(splits.test, source, f"{config.dataset_name}-test", "test")
+    log_process_params(process_params)
+    if deepspeed is not None:
+        mlflow.log_dict(deepspeed, "deepspeed_config.json")
+        mlflow.log_param("deepspeed.world_size", os.environ.get("WORLD_SIZE", "1"))
+
+
+def confirm_finished_run(run_id: str, output_dir: Path, recorded_uri: str | None) -> None:
+    """Check that the tracking store still has the run recorded as finished in ``output_dir``. Raises
+    TextclfError when the store cannot be reached, or no longer has that run (deleted, or another store is in
+    use; ``recorded_uri`` is the store the folder recorded)."""
+    try:
+        run = mlflow.MlflowClient().get_run(run_id)
+    except mlflow.exceptions.MlflowException as exc:
+        if connection_error(exc) is not None:
+            raise TextclfError(f"{output_dir}: holds finished run {run_id}, but the tracking server at "
+                               f"{mlflow.get_tracking_uri()} cannot be reached to confirm it") from None
+        run = None
+    if run is None or run.info.lifecycle_stage == "deleted":
+        raise TextclfError(
+            f"{output_dir}: holds finished run {run_id}, which the tracking store {mlflow.get_tracking_uri()} "
+            f"does not have (recorded in {recorded_uri}); remove the folder, or choose another "
+            "run_name or output_dir"
+        )
+
+
 def log_process_params(params: dict[str, str]) -> None:
     """Params that describe the process, not the recipe (thread counts). A resumed run may run with other
     values, and MLflow refuses to change a logged param: a changed value goes to tag ``<name>.resumed``."""
@@ -328,8 +328,8 @@ class MlflowTrainingCallback(TrainerCallback):
 
     TRAIN_KEYS = {"loss": "train/loss", "learning_rate": "train/learning_rate", "grad_norm": "train/grad_norm"}
 
-    def __init__(self, model, evaluation_state: dict[str, Any]):
-        self.model = model  # the TextClassifier, whose forward counts the tokens it trains on
+    def __init__(self, counts, evaluation_state: dict[str, Any]):
+        self.counts = counts  # the rows and tokens trained on (trainer_setup.BatchCounts, filled by the Trainer)
         self.evaluation_state = evaluation_state  # filled by compute_metrics with the latest confusion
         self.started = 0.0
         self.eval_seconds = 0.0
@@ -337,13 +337,9 @@ class MlflowTrainingCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         self.started = time.perf_counter()
         self.eval_seconds = 0.0
-        self.model.reset_counters()
-
-    def on_step_end(self, args, state, control, **kwargs):
-        raise_if_interrupted()
+        self.counts.reset()
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        raise_if_interrupted()
         logs = logs or {}
         loss = logs.get("loss")
         if loss is not None and not math.isfinite(loss):
@@ -360,11 +356,11 @@ class MlflowTrainingCallback(TrainerCallback):
 
     def throughput(self) -> dict[str, float]:
         seconds = max(time.perf_counter() - self.started - self.eval_seconds, 1e-9)
-        counters = self.model.counters
+        counts = self.counts
         return {
-            "train/samples_per_second": counters["samples"] / seconds,
-            "train/tokens_per_second": counters["real_tokens"] / seconds,
-            "train/pad_fraction": 1 - counters["real_tokens"] / max(counters["padded_tokens"], 1),
+            "train/samples_per_second": counts.samples / seconds,
+            "train/tokens_per_second": counts.real_tokens / seconds,
+            "train/pad_fraction": 1 - counts.real_tokens / max(counts.padded_tokens, 1),
             "train/peak_memory_mb": peak_memory_mb(),
         }
 

@@ -1,0 +1,75 @@
+"""SIGTERM and SIGINT as an exception, so that a long command cleans up (its MLflow run ends KILLED).
+
+:func:`interrupts_raise` turns either signal into :class:`~textclf.errors.TrainingInterrupted`;
+``tracking.tracked_run`` installs it around every tracked command (train, each seed of sweep, every process of
+train_deepspeed, evaluate, baseline). Inside the training loop (:func:`deferred_interrupts`) the first signal is
+only recorded and raised at a safe point, between steps, by :class:`InterruptCallback`: raised from inside
+library code it could be caught and re-wrapped. A second signal raises at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+from typing import Iterator
+
+from transformers import TrainerCallback
+
+from textclf.errors import TrainingInterrupted
+
+
+class _Interrupts:
+    """This process's signal state: whether signals are deferred now, and the one recorded while they were."""
+
+    deferred = False
+    requested: str | None = None
+
+
+def raise_if_interrupted() -> None:
+    """Raise TrainingInterrupted for a signal recorded while deferred (and forget it)."""
+    if _Interrupts.requested:
+        name, _Interrupts.requested = _Interrupts.requested, None
+        raise TrainingInterrupted(name)
+
+
+@contextlib.contextmanager
+def deferred_interrupts() -> Iterator[None]:
+    """Record the first signal instead of raising it; raised by :class:`InterruptCallback` between steps, or on
+    leaving. Only a Trainer that has an InterruptCallback takes a recorded signal before it finishes."""
+    _Interrupts.deferred = True
+    try:
+        yield
+    finally:
+        _Interrupts.deferred = False
+    raise_if_interrupted()
+
+
+class InterruptCallback(TrainerCallback):
+    """Raises a signal recorded by :func:`deferred_interrupts` after a step and before its logs are written.
+    Put it first among the callbacks, so that no other callback acts on a step that was interrupted."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        raise_if_interrupted()
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        raise_if_interrupted()
+
+
+@contextlib.contextmanager
+def interrupts_raise() -> Iterator[None]:
+    """Turn SIGTERM and SIGINT into :class:`TrainingInterrupted` (deferred inside :func:`deferred_interrupts`),
+    so cleanup code runs; the previous handlers come back on leaving."""
+
+    def handler(signum, _frame):
+        name = signal.Signals(signum).name
+        if _Interrupts.deferred and not _Interrupts.requested:
+            _Interrupts.requested = name
+            return
+        raise TrainingInterrupted(name)
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)

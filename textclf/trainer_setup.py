@@ -1,0 +1,310 @@
+"""The parts of a training run that the recipe (:mod:`textclf.training`) wires together, and that the bench
+reuses so it times what ``train`` runs: precision and device, the prepared inputs (:func:`prepare`), the
+Trainer's arguments, collator and optimizer groups, the rows and tokens it trains on, evaluation metrics,
+the head's input calibration, and taking up a run whose last checkpoint was written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from datasets import Dataset
+from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase, Trainer, TrainingArguments, set_seed
+
+from textclf.checkpoints import WEIGHTS_FILE
+from textclf.config import RunConfig
+from textclf.data import LabeledSplits, load_splits
+from textclf.dropout import use_fast_cpu_dropout
+from textclf.encoding import EncodedTexts, PromptEncoder, batches_by_length, longest_first, pad_batch
+from textclf.errors import TextclfError
+from textclf.evaluation import METRIC_NAMES, classification_metrics, confusion
+from textclf.model import TextClassifier, build_classifier, load_trained_state, trained_state
+
+log = logging.getLogger(__name__)
+
+
+def cpu_has_fast_bf16() -> bool:
+    """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX). Without it, torch emulates
+    bf16 and a matmul runs about 400x slower than fp32 (measured on a 2-core AMD EPYC with AVX2 only)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(flag in flags for flag in ("avx512_bf16", "amx_bf16"))
+
+
+def resolve_precision(requested: str) -> str:
+    """``auto`` -> bf16 where fast (a bf16 GPU or a CPU with bf16 instructions), fp16 on older GPUs,
+    fp32 otherwise. Raises TextclfError when the device lacks the requested precision."""
+    cuda = torch.cuda.is_available()
+    if requested == "auto":
+        if cuda:
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "bf16" if cpu_has_fast_bf16() else "fp32"
+    if requested == "fp16" and not cuda:
+        raise TextclfError("precision fp16 needs a CUDA GPU; on this CPU use precision=bf16 or precision=fp32")
+    if requested == "bf16" and cuda and not torch.cuda.is_bf16_supported():
+        raise TextclfError("precision bf16 is not supported by this GPU; use precision=fp16 or precision=fp32")
+    if requested == "bf16" and not cuda and not cpu_has_fast_bf16():
+        log.warning("this CPU has no bf16 instructions: bf16 is emulated and much slower than fp32")
+    return requested
+
+
+def adapt_to_device(model) -> None:
+    """Device-specific speed-ups: on CPU, dropout with a cheaper random mask (same distribution, other draws)."""
+    if not torch.cuda.is_available():
+        replaced = use_fast_cpu_dropout(model)
+        log.info("CPU training: %d dropout layers use the fast CPU mask", replaced)
+
+
+@dataclass
+class Prepared:
+    """What a run trains: its data, the fresh classifier and tokenizer, and the encoded splits."""
+
+    splits: LabeledSplits
+    model: TextClassifier
+    tokenizer: PreTrainedTokenizerBase
+    encoder: PromptEncoder
+    train_set: Dataset
+    eval_set: Dataset  # longest first
+    train_encoded: EncodedTexts
+    eval_encoded: EncodedTexts
+
+    def data_metrics(self) -> dict[str, float]:
+        return {"data/train_truncated": self.train_encoded.truncated,
+                "data/validation_truncated": self.eval_encoded.truncated,
+                "data/train_mean_tokens": float(np.mean(self.train_encoded.lengths))}
+
+
+def prepare(config: RunConfig, splits: LabeledSplits | None = None) -> Prepared:
+    """Load the splits (unless given), seed, build the classifier (with its device speed-ups) and encode the
+    training and validation splits. Raises TextclfError on bad data or a base model that cannot be loaded.
+
+    Under ZeRO-3, build the TrainingArguments first: they set up the DeepSpeed config that partitions the
+    weights as they load.
+    """
+    splits = splits if splits is not None else load_splits(config.data)
+    set_seed(config.seed)  # before the head is built: its initial weights come from the RNG
+    model, tokenizer = build_classifier(config.model, config.mode, splits.label_names, config.data.prompt_template,
+                                        config.data.max_length)
+    adapt_to_device(model)
+    encoder = PromptEncoder(tokenizer, config.data.prompt_template, splits.label_names, config.data.max_length)
+    train_set, train_encoded = encoder.dataset(splits.train["text"], splits.train["label"])
+    eval_set, eval_encoded = encoder.dataset(splits.validation["text"], splits.validation["label"])
+    # With group_by_length the Trainer's sampler groups evaluation batches by length itself; without it, it
+    # evaluates in dataset order: longest first, so that each batch pads little. Safe either way:
+    # compute_metrics compares predictions with the labels of the same order.
+    eval_set = eval_set.select(longest_first(eval_encoded.lengths))
+    return Prepared(splits, model, tokenizer, encoder, train_set, eval_set, train_encoded, eval_encoded)
+
+
+def training_arguments(config: RunConfig, output_dir: Path, precision: str, deepspeed: dict | None = None) -> TrainingArguments:
+    t = config.training
+    greater = t.metric_for_best != "loss"
+    return TrainingArguments(
+        output_dir=str(output_dir),
+        seed=config.seed,
+        data_seed=config.seed,
+        learning_rate=t.learning_rate,
+        weight_decay=t.weight_decay,
+        warmup_steps=float(t.warmup_ratio),  # a float in [0, 1) is a ratio of the total steps
+        per_device_train_batch_size=t.batch_size,
+        per_device_eval_batch_size=t.eval_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps,
+        eval_strategy="steps",
+        eval_steps=t.eval_steps,
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit,
+        load_best_model_at_end=True,
+        metric_for_best_model=f"eval_{t.metric_for_best}",
+        greater_is_better=greater,
+        logging_steps=t.logging_steps,
+        logging_nan_inf_filter=False,  # a NaN loss must reach our callback, not be averaged away
+        report_to=[],  # MLflow logging is explicit, in textclf.tracking
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        use_cpu=not torch.cuda.is_available(),
+        # The sampler measures each row's input_ids (the Trainer drops any length column before building it).
+        train_sampling_strategy="group_by_length" if t.group_by_length else "random",
+        average_tokens_across_devices=False,
+        deepspeed=deepspeed,
+        save_only_model=False,
+        dataloader_num_workers=0,
+    )
+
+
+def training_collator(tokenizer) -> DataCollatorWithPadding:
+    """Pads each batch to its own longest row (the sampler groups rows of similar length)."""
+    return DataCollatorWithPadding(tokenizer, padding="longest")
+
+
+@dataclass
+class BatchCounts:
+    """Rows and tokens of the training micro-batches this process ran, for throughput metrics (the Trainer
+    reports no tokens/s): each micro-batch of a gradient-accumulation step, only this rank's under DeepSpeed."""
+
+    samples: int = 0
+    real_tokens: int = 0
+    padded_tokens: int = 0
+
+    def add(self, batch: dict[str, Any]) -> None:
+        input_ids, mask = batch["input_ids"], batch.get("attention_mask")
+        self.samples += int(input_ids.shape[0])
+        self.real_tokens += int(mask.sum()) if mask is not None else int(input_ids.numel())
+        self.padded_tokens += int(mask.numel()) if mask is not None else int(input_ids.numel())
+
+    def reset(self) -> None:
+        self.samples = self.real_tokens = self.padded_tokens = 0
+
+
+class ClassifierTrainer(Trainer):
+    """The Trainer with three changes: the classification head may learn at its own rate, a LoRA checkpoint
+    holds only what training changes, and the rows and tokens of each training batch are counted.
+
+    Overriding ``create_optimizer`` (rather than passing ``optimizers=``) keeps one code path for plain
+    training and DeepSpeed, which calls it when its config names no optimizer.
+
+    The model is a plain ``nn.Module``, whose whole state dict the Trainer saves in every checkpoint: under
+    LoRA mostly the frozen base model, a copy of what is on disk already. ``_save`` (the weights of each
+    checkpoint) writes :func:`trained_state` instead, and the two readers of those weights, ``_load_from_checkpoint``
+    (resume) and ``_load_best_model`` (``load_best_model_at_end``), load it onto the base weights the model
+    already holds. Under DeepSpeed the engine writes and reads its own files: those paths stay the Trainer's.
+
+    ``training_step`` runs once per micro-batch, in training only: it fills ``batch_counts`` (pass one
+    to share it with the callbacks that read it).
+    """
+
+    def __init__(self, *args, head_learning_rate: float | None = None, batch_counts: BatchCounts | None = None,
+                 **kwargs):
+        super().__init__(*args, **kwargs)
+        self.head_learning_rate = head_learning_rate
+        self.batch_counts = batch_counts if batch_counts is not None else BatchCounts()
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        self.batch_counts.add(inputs)
+        return super().training_step(model, inputs, num_items_in_batch)
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is None:
+            model = model or self.model
+            optimizer_class, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, model)
+            groups = parameter_groups(model, self.args.learning_rate, self.head_learning_rate or self.args.learning_rate,
+                                      self.args.weight_decay, set(self.get_decay_parameter_names(model)))
+            self.optimizer = optimizer_class(groups, **optimizer_kwargs)
+        return self.optimizer
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        # A given state_dict comes from an engine (DeepSpeed's gathered weights): saved as it is.
+        if state_dict is None and not self.is_deepspeed_enabled:
+            state_dict = trained_state(self.model)
+        super()._save(output_dir, state_dict=state_dict)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+            return
+        load_trained_state(model or self.model, Path(resume_from_checkpoint) / WEIGHTS_FILE)
+
+    def _load_best_model(self) -> None:
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            super()._load_best_model()
+            return
+        load_trained_state(self.model, Path(self.state.best_model_checkpoint) / WEIGHTS_FILE)
+
+
+def parameter_groups(model, learning_rate: float, head_learning_rate: float, weight_decay: float,
+                     decay_names: set[str]) -> list[dict[str, Any]]:
+    """Trainable parameters in up to four groups: backbone/head x decayed/not. Biases and norm weights are
+    never decayed (the Trainer's own rule, ``get_decay_parameter_names``)."""
+    groups: dict[tuple[bool, bool], list] = {}
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad:
+            groups.setdefault((name.startswith("head."), name in decay_names), []).append(parameter)
+    return [{"params": params, "lr": head_learning_rate if head else learning_rate,
+             "weight_decay": weight_decay if decayed else 0.0}
+            for (head, decayed), params in sorted(groups.items())]
+
+
+def make_compute_metrics(num_labels: int, label_names: list[str], evaluation_state: dict[str, Any]):
+    def compute_metrics(prediction) -> dict[str, float]:
+        # label_ids come in the same (possibly length-grouped) order as the predictions: compare those.
+        logits = prediction.predictions[0] if isinstance(prediction.predictions, tuple) else prediction.predictions
+        predicted = np.asarray(logits).argmax(axis=-1)
+        labels = np.asarray(prediction.label_ids)
+        evaluation_state["confusion"] = confusion(labels, predicted, label_names)
+        return classification_metrics(labels, predicted, num_labels)
+
+    return compute_metrics
+
+
+def best_validation_metrics(trainer: Trainer) -> dict[str, float]:
+    """The validation metrics of the selected checkpoint, read from the log history (no re-evaluation).
+
+    When training ended before any evaluation, evaluates once now.
+    """
+    state = trainer.state
+    evaluations = [entry for entry in state.log_history if "eval_loss" in entry]
+    if state.best_model_checkpoint:
+        best_step = int(Path(state.best_model_checkpoint).name.split("-")[-1])
+        evaluations = [entry for entry in evaluations if entry.get("step") == best_step] or evaluations
+    if not evaluations:
+        evaluations = [{**trainer.evaluate(), "step": state.global_step}]
+    entry = evaluations[-1]
+    best = {name: entry[f"eval_{name}"] for name in METRIC_NAMES if f"eval_{name}" in entry}
+    best["loss"] = entry["eval_loss"]
+    best["step"] = entry.get("step", state.global_step)
+    return best
+
+
+def calibrate_head(model, encoder: PromptEncoder, texts, count: int, seed: int, device: torch.device,
+                   partitioned: bool = False) -> None:
+    """Standardize the head's input on ``count`` training rows (the same rows on every rank), on the
+    training device (the Trainer would move the model there anyway).
+
+    Under ZeRO-3 (``partitioned``) each rank holds a slice of the backbone's weights, already on its
+    device: they are gathered for these few forward passes, as DeepSpeed documents for using a model
+    outside its engine.
+    """
+    sample = texts.sample(n=min(count, len(texts)), random_state=seed).tolist()
+    encoded = encoder.encode(sample)
+    batches = [{k: v.to(device) for k, v in pad_batch(encoder.tokenizer, [encoded.input_ids[i] for i in indices]).items()}
+               for indices in batches_by_length(encoded.lengths, 16)]
+    gathered = contextlib.nullcontext()
+    if partitioned:
+        import deepspeed
+
+        model.head.to(device)
+        gathered = deepspeed.zero.GatheredParameters(list(model.backbone.parameters()), modifier_rank=None)
+    else:
+        model.to(device)
+    with gathered:
+        rows = model.calibrate(batches)
+    log.info("head input standardized on %d training rows", rows)
+
+
+def restore_finished_training(trainer: Trainer, model, checkpoint: Path, partitioned: bool) -> None:
+    """Take up a training whose last checkpoint was written: its state and its best weights, no new step.
+
+    Written by hand because the Trainer, resumed from the final checkpoint, trains one step past
+    ``max_steps`` (transformers 5: it skips the trained batches, then runs the next one before it checks
+    the step count). Raises TextclfError under ZeRO-3, whose sharded weights only the engine can load.
+    """
+    from transformers import TrainerState
+
+    if partitioned:
+        raise TextclfError(f"{checkpoint}: is the last step of its run, which did not finish; DeepSpeed cannot take it "
+                           "up without training past max_steps: evaluate it with `evaluate`, or choose another run_name")
+    trainer.state = TrainerState.load_from_json(str(checkpoint / "trainer_state.json"))
+    best = Path(trainer.state.best_model_checkpoint or checkpoint)
+    best = checkpoint.parent / best.name  # the folder may have moved since the state was written
+    load_trained_state(model, best / WEIGHTS_FILE)
+    log.info("%s is the last step of the schedule: nothing left to train; best checkpoint %s", checkpoint, best.name)
