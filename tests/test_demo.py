@@ -28,3 +28,10 @@ def test_the_demo_trains_minilm_on_all_of_sst2_and_tests_on_the_full_split():
     assert config.data.max_samples is None and config.data.max_test_samples is None
     assert "{class_labels}" in config.data.prompt_template and not config.resume
     assert 0 < config.training.max_train_minutes <= 4  # leaves room for loading, testing and logging in 5 min
+
+
+def test_the_demo_trains_two_epochs_only_where_bf16_makes_them_fit():
+    from textclf.trainer_setup import cpu_has_fast_bf16
+
+    arguments = dict(demo_parameters())
+    assert float(arguments["epochs"]) == (2 if cpu_has_fast_bf16() else 1)
