@@ -21,7 +21,7 @@ DEMO_TEMPLATE := "{text}" Categories: {class_labels}. Answer:
 DEMO := -P mode=full -P dataset=sst2 -P base_model=$(DEMO_MODEL) -P 'prompt_template=$(DEMO_TEMPLATE)' \
         -P max_length=64 -P batch_size=32 -P learning_rate=2e-4 -P head_learning_rate=1e-3 -P warmup_ratio=0.1 \
         -P weight_decay=0.01 -P epochs=$(DEMO_EPOCHS) -P eval_steps=108 -P save_steps=108 -P max_eval_samples=300 \
-        -P max_train_minutes=3.75 -P run_name=sst2-minilm-demo -P resume=false
+        -P max_train_minutes=4 -P run_name=sst2-minilm-demo -P resume=false
 
 .PHONY: install train mlproject test test-fast bench bench-accuracy clean-runs gpu-check gpu-check-dryrun server server-stop ui-check
 

@@ -5,11 +5,13 @@ torch parallelises each op over its intra-op threads (OpenMP) and may run indepe
 inter-op threads; the tokenizers library has its own pool; DeepSpeed starts one process per rank on
 the same cores. Left to their defaults on a 2-core machine these overlap: each rank takes every core,
 and when anything else is busy, OpenMP's threads spin at every barrier waiting for a thread that is
-not running (measured here: 55-99 s per step instead of 6-7 s; docs/benchmarks.md). So:
+not running (docs/benchmarks.md, scripts/bench_threads.py). So:
 
 - intra-op threads = the cores this process may use (its CPU affinity, not the machine's count),
   divided among the ranks that share them; ``OMP_NUM_THREADS``, when a user sets it, wins;
 - one inter-op thread: a training step is a chain of ops, there is nothing to overlap;
+- OpenMP threads that wait sleep rather than spin (``OMP_WAIT_POLICY=PASSIVE``, set in ``textclf/__init__``
+  before torch loads);
 - no tokenizers pool (``TOKENIZERS_PARALLELISM=false``): tokenizing happens once, before training,
   and its pool would otherwise stay alive beside torch's threads (and warns after a fork).
 """
@@ -34,7 +36,7 @@ class ThreadPlan:
     def as_params(self) -> dict[str, str]:
         return {"threads.cores": str(self.cores), "threads.ranks_sharing": str(self.ranks_sharing),
                 "threads.intra_op": str(self.intra_op), "threads.inter_op": str(self.inter_op),
-                "threads.source": self.source}
+                "threads.source": self.source, "threads.omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "")}
 
 
 def available_cores() -> int:
