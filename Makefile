@@ -23,7 +23,7 @@ DEMO := -P mode=full -P dataset=sst2 -P base_model=$(DEMO_MODEL) -P 'prompt_temp
         -P weight_decay=0.01 -P epochs=$(DEMO_EPOCHS) -P eval_steps=108 -P save_steps=108 -P max_eval_samples=300 \
         -P max_train_minutes=4 -P run_name=sst2-minilm-demo -P resume=false
 
-.PHONY: install train mlproject test test-fast bench bench-accuracy clean-runs gpu-check gpu-check-dryrun server server-stop ui-check
+.PHONY: install train mlproject test test-fast bench bench-accuracy gpu-check gpu-check-dryrun server server-stop ui-check
 
 install: $(VENV)/.installed $(DEFAULT_MODEL)/model.safetensors $(DEMO_MODEL)/model.safetensors
 
@@ -89,6 +89,3 @@ server-stop:
 # ui_check.json in ui-check-results/, exit 1 if a page misses our run names, metrics or confusion matrix.
 ui-check: $(VENV)/.installed
 	$(PY) scripts/ui_check.py --output ui-check-results
-
-clean-runs:
-	rm -rf mlruns mlflow.db outputs

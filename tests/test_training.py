@@ -126,6 +126,18 @@ def test_time_budget_evaluates_saves_and_stops(mlflow_store, tiny_dataset, tiny_
     assert run.data.params["training.max_train_minutes"] == "0.0001"
 
 
+def test_early_stopping_ends_training_after_evaluations_that_do_not_improve(mlflow_store, tiny_dataset, tiny_llama):
+    # Learning rates too small to change a prediction: validation F1 never improves after the first evaluation.
+    run_id = run_train("--data_path", str(tiny_dataset), "--mode", "lora", "--base_model", tiny_llama,
+                       "--max_steps", "40", "--eval_steps", "1", "--save_steps", "1", *COMMON, "--learning_rate",
+                       "1e-12", "--head_learning_rate", "1e-12", "--early_stopping_patience", "2", "--register", "false")
+    client = MlflowClient()
+    run = client.get_run(run_id)
+    evaluated = [m.step for m in client.get_metric_history(run_id, "eval/f1_macro")]
+    assert run.info.status == "FINISHED" and evaluated == [1, 2, 3]  # the best, then two without improvement
+    assert run.data.params["training.early_stopping_patience"] == "2" and "test/accuracy" in run.data.metrics
+
+
 def test_head_learning_rate_builds_its_own_groups_and_decay_spares_biases_and_norms(tmp_path, tiny_llama):
     from transformers import TrainingArguments
 

@@ -109,6 +109,8 @@ class TrainingConfig:
     eval_steps: int = preset("evaluate every N steps", full=50, lora=100, range=POSITIVE)
     save_steps: int = preset("checkpoint every N steps (a multiple of eval_steps)", full=100, lora=200, range=POSITIVE)
     logging_steps: int = param(10, "log train metrics every N steps", range=POSITIVE)
+    early_stopping_patience: int = param(0, "stop once this many evaluations in a row have not improved "
+                                         "metric_for_best (0: never)", range=NON_NEGATIVE)
     save_total_limit: int = param(2, "checkpoints kept (the best one always survives)", range=POSITIVE)
     metric_for_best: str = param("f1_macro", "validation metric that selects the best checkpoint",
                                  choices=BEST_METRICS)

@@ -10,8 +10,9 @@ not running (docs/benchmarks.md, scripts/bench_threads.py). So:
 - intra-op threads = the cores this process may use (its CPU affinity, not the machine's count),
   divided among the ranks that share them; ``OMP_NUM_THREADS``, when a user sets it, wins;
 - one inter-op thread: a training step is a chain of ops, there is nothing to overlap;
-- OpenMP threads that wait sleep rather than spin (``OMP_WAIT_POLICY=PASSIVE``, set in ``textclf/__init__``
-  before torch loads);
+- OpenMP's wait policy is left as it is: passive waiting helps when another job takes a core but costs the
+  default model's LoRA step 25-35% alone (its many small ops pay a wake-up each); on a shared machine set
+  ``OMP_WAIT_POLICY=PASSIVE`` (docs/benchmarks.md). It is logged with the thread counts;
 - no tokenizers pool (``TOKENIZERS_PARALLELISM=false``): tokenizing happens once, before training,
   and its pool would otherwise stay alive beside torch's threads (and warns after a fork).
 """

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
-from transformers.trainer_callback import ProgressCallback
+from transformers.trainer_callback import EarlyStoppingCallback, ProgressCallback
 
 from textclf import checkpoints, offline, serving, signals, tracking
 from textclf.callbacks import CheckpointCallback, TimeBudgetCallback
@@ -96,6 +96,8 @@ def run_training(
                      CheckpointCallback(model.spec, run_recipe, config.to_dict())]
         if config.training.max_train_minutes:
             callbacks.append(TimeBudgetCallback(config.training.max_train_minutes))
+        if config.training.early_stopping_patience:
+            callbacks.append(EarlyStoppingCallback(config.training.early_stopping_patience))
         trainer = ClassifierTrainer(
             model=model, args=args, train_dataset=prepared.train_set, eval_dataset=prepared.eval_set,
             data_collator=training_collator(tokenizer), callbacks=callbacks,
