@@ -18,6 +18,7 @@ from pathlib import Path
 
 from textclf.checkpoints import WEIGHTS_FILE
 from textclf.errors import TextclfError
+from textclf.threads import plan_threads
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +91,8 @@ def launch(num_procs: int, worker_args: list[str], nodes: Nodes = Nodes()) -> in
         f"--master_port={nodes.master_port or free_port()}",
         "-m", "entrypoints.train_deepspeed", "--worker", *worker_args,
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // num_procs))}
+    # Each rank's OpenMP pool from its start, by the one rule of textclf.threads (a user's OMP_NUM_THREADS wins).
+    env = {**os.environ, "OMP_NUM_THREADS": str(plan_threads(ranks_sharing=num_procs).intra_op)}
     return subprocess.call(command, env=env)
 
 
