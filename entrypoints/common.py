@@ -4,8 +4,10 @@ textclf/config.py, as MLproject is), logging setup, and turning user errors into
 from __future__ import annotations
 
 import contextlib
+import faulthandler
 import logging
 import os
+import signal
 import sys
 from typing import Any, Callable
 
@@ -90,6 +92,8 @@ def setup_logging() -> None:
     for noisy in ("urllib3", "filelock", "alembic", "mlflow.store", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # `kill -USR1 <pid>` prints every thread's stack to stderr: where a command that seems stuck is waiting.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     from textclf.console import quiet_library_noise
 
     quiet_library_noise()

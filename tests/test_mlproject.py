@@ -89,9 +89,16 @@ def test_an_interrupted_sweep_under_mlflow_run_ends_killed(tmp_path, mlflow_stor
     try:
         process.wait(timeout=120)
     except subprocess.TimeoutExpired:
+        # Where it is stuck: the processes left, and the command's stacks (SIGUSR1, see entrypoints.common).
+        processes = subprocess.run(["ps", "-eo", "pid,ppid,pgid,stat,etime,args", "--forest"], capture_output=True,
+                                   text=True).stdout
+        (tmp_path / "processes-when-stuck.txt").write_text(processes)  # kept in pytest's tmp folder, xfail or not
+        subprocess.run(["pkill", "-USR1", "-f", f"entrypoints.sweep .*{tmp_path / 'outputs'}"])
+        time.sleep(3)
         subprocess.run(["pkill", "-KILL", "-f", str(tmp_path / "outputs")])  # the command, stuck, and mlflow run after it
         process.kill()
-        pytest.fail("mlflow run outlived Ctrl-C by 120 s; its log ends:\n" + (tmp_path / "mlflow-run.log").read_text()[-3000:])
+        pytest.fail(f"mlflow run outlived Ctrl-C by 120 s; processes then:\n{processes}\nits log ends:\n"
+                    + (tmp_path / "mlflow-run.log").read_text()[-12000:])
     client = MlflowClient()
 
     def statuses():

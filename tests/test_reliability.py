@@ -304,3 +304,20 @@ def test_evaluate_refuses_a_bad_count_in_one_line(mlflow_store):
 
     result = CliRunner().invoke(evaluate, ["--model_uri", "nowhere", "--data_path", "nowhere", "--max_test_samples", "abc"])
     assert_clean_refusal(result, "max_test_samples must be a positive integer, got 'abc'")
+
+
+def test_sigusr1_prints_where_a_command_is_without_stopping_it():
+    """A user whose training seems stuck runs `kill -USR1 <pid>` and reads every thread's stack."""
+    code = ("from entrypoints.common import setup_logging; setup_logging(); import time\n"
+            "def waiting_here(): print('ready', flush=True); time.sleep(60)\nwaiting_here()")
+    process = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout.readline() == "ready\n"
+        process.send_signal(signal.SIGUSR1)
+        time.sleep(2)
+        assert process.poll() is None  # still running
+    finally:
+        process.kill()
+    stderr = process.communicate()[1]
+    assert "most recent call first" in stderr and "waiting_here" in stderr
