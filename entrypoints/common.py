@@ -93,7 +93,8 @@ def setup_logging() -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # `kill -USR1 <pid>` prints every thread's stack to stderr: where a command that seems stuck is waiting.
-    faulthandler.register(signal.SIGUSR1, all_threads=True)
+    with contextlib.suppress(ValueError, OSError, AttributeError):  # no real stderr (embedded, click's test runner)
+        faulthandler.register(signal.SIGUSR1, file=sys.__stderr__, all_threads=True)
     from textclf.console import quiet_library_noise
 
     quiet_library_noise()
