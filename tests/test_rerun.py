@@ -63,6 +63,20 @@ def test_a_finished_folder_refuses_other_parameters_naming_them(trained):
     assert len(all_runs()) == 1
 
 
+def test_a_folder_written_before_a_parameter_existed_is_recognised_while_it_is_at_its_default(trained):
+    """A later textclf adds parameters: an older folder's recipe lacks them, and the code that wrote it behaved
+    as their defaults do. Rerunning is still recognised; asking for another value is refused, naming it."""
+    record_file = Path("outputs/tinysent-lora-seed42/finished_run.json")
+    record = json.loads(record_file.read_text())
+    del record["recipe"]["training.early_stopping_patience"]
+    record_file.write_text(json.dumps(record))
+    again = invoke(train, *trained)
+    assert again.exit_code == 0 and "already finished" in again.output, again.output
+    other = invoke(train, *trained, "--early_stopping_patience", "3")
+    assert other.exit_code == 2 and "training.early_stopping_patience: (unset) -> 3" in other.output, other.output
+    assert len(all_runs()) == 1
+
+
 def test_a_checkpoint_resumes_only_into_its_recipe_and_never_past_max_steps(trained, tiny_llama, tmp_path):
     folder = Path("outputs/tinysent-lora-seed42")
     (folder / "finished_run.json").unlink()  # as if the process had died right after its last checkpoint

@@ -11,6 +11,7 @@ and a folder whose run finished (``finished_run.json``) is never trained again.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -23,7 +24,7 @@ from typing import Any
 
 import pandas as pd
 
-from textclf.config import RunConfig, flatten
+from textclf.config import MODES, RunConfig, build_config, flatten
 from textclf.errors import TextclfError
 
 log = logging.getLogger(__name__)
@@ -68,10 +69,20 @@ def data_digests(splits) -> dict[str, str]:
 
 
 def differences(recorded: dict[str, str], current: dict[str, str]) -> list[str]:
-    """``name: recorded -> current`` for every parameter that differs, sorted."""
+    """``name: recorded -> current`` for every parameter that differs, sorted.
+
+    A parameter the recorded recipe lacks (added to textclf after it was written) is unchanged while it is at
+    its default: the code that wrote the recipe behaved as that default does."""
+    defaults = _parameter_defaults(current.get("run.mode"))
     keys = sorted(set(recorded) | set(current))
     return [f"{k}: {_short(recorded.get(k, '(unset)'))} -> {_short(current.get(k, '(unset)'))}"
-            for k in keys if recorded.get(k) != current.get(k)]
+            for k in keys if recorded.get(k, defaults.get(k)) != current.get(k)]
+
+
+@functools.lru_cache(maxsize=None)
+def _parameter_defaults(mode: str | None) -> dict[str, str]:
+    """Every run parameter at its default for ``mode`` (its preset), as a recipe records it."""
+    return flatten(build_config(mode)) if mode in MODES else {}
 
 
 def _short(value: str, limit: int = 60) -> str:
