@@ -153,3 +153,31 @@ def test_fast_cpu_dropout_replaces_every_lora_and_head_dropout(tiny_llama):
     assert use_fast_cpu_dropout(model) == 2 * 7 + 2  # 7 LoRA projections in each of 2 layers, 2 in the head
     assert not any(type(m) is nn.Dropout and m.p > 0 for m in model.modules())
     assert all(m.p == 0.1 for m in model.modules() if isinstance(m, FastCPUDropout))
+
+
+@pytest.mark.parametrize("base", ["tiny_llama", "minilm"])
+def test_frozen_layers_train_only_the_layers_above_them(base, request):
+    """Backward stops above the frozen layers: the embeddings and the lowest layer keep their weights, the
+    layers above and the head learn, and the optimizer is given only what trains."""
+    model, tokenizer = make(request.getfixturevalue(base), "full", frozen_layers=1)
+    names = {name for name, parameter in model.named_parameters() if parameter.requires_grad}
+    assert names and not any("embed" in name for name in names)
+    assert not any(".layers.0." in name or ".layer.0." in name for name in names)
+    assert any(".layers.1." in name or ".layer.1." in name for name in names) and any(n.startswith("head.") for n in names)
+    before = {name: parameter.detach().clone() for name, parameter in model.named_parameters()}
+    batch = tokenizer(["a fine film", "a dull film"], return_tensors="pt", padding=True)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    model(**batch, labels=torch.tensor([1, 0])).loss.backward()
+    optimizer.step()
+    changed = {name for name, parameter in model.named_parameters() if not torch.equal(parameter, before[name])}
+    assert changed and changed <= names and any(name.startswith("head.") for name in changed)
+    assert all(parameter.grad is None for parameter in model.parameters() if not parameter.requires_grad)
+
+
+def test_frozen_layers_must_leave_a_layer_to_train_and_need_full_mode(tiny_llama):
+    with pytest.raises(TextclfError, match="frozen_layers=2: the model has 2 layers"):
+        make(tiny_llama, "full", frozen_layers=2)
+    from textclf.config import build_config
+
+    with pytest.raises(TextclfError, match="frozen_layers applies to mode=full"):
+        build_config("lora", frozen_layers=1)

@@ -88,6 +88,8 @@ class ModelConfig:
     pooling: str = param("auto", "auto: last token (decoders), mean (encoders)", choices=POOLINGS)
     calibration_samples: int = param(128, "train rows that standardize the head's input features (0: off)",
                                      range=NON_NEGATIVE)
+    frozen_layers: int = param(0, "full mode: freeze the embeddings and the lowest N transformer layers, so backward "
+                               "stops above them (faster steps; 0 trains every layer)", range=NON_NEGATIVE)
     lora_r: int = param(64, "LoRA rank", range=POSITIVE)
     lora_alpha: int = param(16, "LoRA alpha", range=POSITIVE)
     lora_dropout: float = param(0.1, "LoRA dropout", range=FRACTION)
@@ -258,6 +260,8 @@ def validate(config: RunConfig) -> None:
         )
     if training.epochs <= 0 and training.max_steps <= 0:
         raise TextclfError("set epochs > 0 or max_steps > 0")
+    if config.model.frozen_layers and config.mode != "full":
+        raise TextclfError(f"frozen_layers applies to mode=full (LoRA already freezes the base model); got mode={config.mode}")
 
 
 # Each logged param value is cut to 500 characters: the MLflow installed here stores up to 6000, but remote

@@ -292,6 +292,33 @@ def apply_lora(backbone: nn.Module, config: ModelConfig) -> tuple[nn.Module, dic
     return get_peft_model(backbone, LoraConfig(bias="none", **lora)), lora
 
 
+def freeze_lower_layers(backbone: nn.Module, count: int) -> int:
+    """Freeze what the backbone computes below its transformer layer ``count``: the embeddings and the lowest
+    ``count`` layers. Backward then stops at that layer (no gradients below it, no optimizer state for those
+    weights). Returns the number of parameters frozen. Raises TextclfError when the model has too few layers.
+
+    Written by hand (neither transformers nor PEFT freezes by depth): the layers are the backbone's ModuleList
+    of ``num_hidden_layers`` blocks, and every parameter registered before the first one of layer ``count``
+    (embeddings, their norm) is below it, as in every transformers encoder and decoder.
+    """
+    depth = getattr(backbone.config, "num_hidden_layers", None)
+    layers = next((module for module in backbone.modules()
+                   if isinstance(module, nn.ModuleList) and depth and len(module) == depth), None)
+    if layers is None:
+        raise TextclfError(f"frozen_layers={count}: cannot find the layers of this {backbone.config.model_type} model")
+    if count >= len(layers):
+        raise TextclfError(f"frozen_layers={count}: the model has {len(layers)} layers; at least its top one must train")
+    first_trained = next(layers[count].parameters())
+    frozen = 0
+    for parameter in backbone.parameters():
+        if parameter is first_trained:
+            break
+        parameter.requires_grad_(False)
+        frozen += parameter.numel()
+    log.info("frozen: the embeddings and the lowest %d of %d layers (%.1fM parameters)", count, len(layers), frozen / 1e6)
+    return frozen
+
+
 def build_classifier(
     config: ModelConfig, mode: str, label_names: list[str], prompt_template: str, max_length: int
 ) -> tuple[TextClassifier, PreTrainedTokenizerBase]:
@@ -307,6 +334,8 @@ def build_classifier(
     lora = None
     if mode == "lora":
         backbone, lora = apply_lora(backbone, config)
+    elif config.frozen_layers:
+        freeze_lower_layers(backbone, config.frozen_layers)
     spec = ClassifierSpec(
         label_names=list(label_names), prompt_template=prompt_template, max_length=max_length, pooling=pooling,
         head=config.head, head_dropout=config.head_dropout, hidden_size=backbone.config.hidden_size,
