@@ -101,6 +101,20 @@ def test_a_checkpoint_resumes_only_into_its_recipe_and_never_past_max_steps(trai
     assert state["global_step"] == 4
 
 
+def test_a_finished_runs_earlier_checkpoint_is_not_resumed_without_its_optimizer(trained):
+    """A finished run drops its checkpoints' optimizer state; if its record is deleted and the last checkpoint
+    with it, continuing from an earlier one would silently restart the optimizer and warm-up: refused."""
+    import shutil
+
+    folder = Path("outputs/tinysent-lora-seed42")
+    (folder / "finished_run.json").unlink()
+    shutil.rmtree(folder / "checkpoint-4")
+    result = invoke(train, *trained)
+    assert result.exit_code == 2, result.output
+    assert "checkpoint-2: its optimizer and scheduler state were removed when its run finished" in result.output
+    assert len(all_runs()) == 1
+
+
 def test_sweep_children_have_their_own_folders_and_a_rerun_sweep_does_nothing(mlflow_store, tiny_dataset, tiny_llama):
     args = ["--data_path", str(tiny_dataset), "--base_model", tiny_llama, "--max_steps", "2", *TINY]
     swept = invoke(sweep, "--seeds", "0,42", *args)

@@ -169,6 +169,11 @@ def drop_resume_state(output_dir: Path) -> None:
              output_dir, freed / 1e6)
 
 
+def has_resume_state(checkpoint: Path) -> bool:
+    """Whether ``checkpoint`` still holds its optimizer state (the Trainer's file, or DeepSpeed's step folder)."""
+    return (checkpoint / "optimizer.pt").exists() or any(checkpoint.glob("global_step*"))
+
+
 @dataclass
 class FolderPlan:
     resume_from: Path | None = None  # the checkpoint to continue from
@@ -237,5 +242,10 @@ def plan_output_dir(output_dir: Path, resume: bool, run_recipe: dict[str, str],
     if changed:
         raise TextclfError(f"{latest}: was written with other parameters ({'; '.join(changed)}); rerun with the "
                            "same parameters to resume it, or choose another run_name or output_dir")
+    if not is_last_step(latest) and not has_resume_state(latest):
+        # The Trainer would silently start a fresh optimizer and warm-up: not the training that was recorded.
+        raise TextclfError(f"{latest}: its optimizer and scheduler state were removed when its run finished (the "
+                           f"folder's {FINISHED_FILE} is gone), so it cannot continue as it would have; choose "
+                           "another run_name or output_dir")
     log.info("resuming from %s", latest)
     return FolderPlan(resume_from=latest)
