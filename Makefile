@@ -37,7 +37,7 @@ $(VENV)/.installed: pyproject.toml
 
 $(DEFAULT_MODEL)/model.safetensors $(DEMO_MODEL)/model.safetensors &: $(VENV)/.installed
 	$(PY) -m textclf.base_models --target $(DEFAULT_MODEL) --minilm-target $(DEMO_MODEL)
-	touch $(DEFAULT_MODEL)/model.safetensors $(DEMO_MODEL)/model.safetensors  # kept copies are up to date: not again
+	touch -c $(DEFAULT_MODEL)/model.safetensors $(DEMO_MODEL)/model.safetensors  # kept copies are up to date: not again
 
 train: install
 	rm -rf outputs/sst2-minilm-demo

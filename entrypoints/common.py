@@ -93,8 +93,9 @@ def setup_logging() -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # `kill -USR1 <pid>` prints every thread's stack to stderr: where a command that seems stuck is waiting.
-    with contextlib.suppress(ValueError, OSError, AttributeError):  # no real stderr (embedded, click's test runner)
-        faulthandler.register(signal.SIGUSR1, file=sys.__stderr__, all_threads=True)
+    if sys.__stderr__ is not None:  # None when started with stderr closed
+        with contextlib.suppress(ValueError, OSError):  # no file descriptor (an embedding host's stream)
+            faulthandler.register(signal.SIGUSR1, file=sys.__stderr__, all_threads=True)
     from textclf.console import quiet_library_noise
 
     quiet_library_noise()

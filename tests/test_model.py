@@ -171,6 +171,7 @@ def test_frozen_layers_train_only_the_layers_above_them(base, request):
     optimizer.step()
     changed = {name for name, parameter in model.named_parameters() if not torch.equal(parameter, before[name])}
     assert changed and changed <= names and any(name.startswith("head.") for name in changed)
+    assert any(".layers.1." in name or ".layer.1." in name for name in changed)
     assert all(parameter.grad is None for parameter in model.parameters() if not parameter.requires_grad)
 
 
@@ -181,3 +182,18 @@ def test_frozen_layers_must_leave_a_layer_to_train_and_need_full_mode(tiny_llama
 
     with pytest.raises(TextclfError, match="frozen_layers applies to mode=full"):
         build_config("lora", frozen_layers=1)
+
+
+def test_frozen_layers_are_not_backpropagated_through_with_gradient_checkpointing(tiny_llama):
+    """Checkpointing must not make the frozen layers' outputs require grad (backward would run through them)."""
+    model, tokenizer = make(tiny_llama, "full", frozen_layers=1)
+    model.gradient_checkpointing_enable()
+    model.train()
+    seen = {}
+    layers = model.backbone.layers
+    layers[0].register_forward_hook(lambda module, args, output: seen.update(frozen=output[0] if isinstance(output, tuple) else output))
+    layers[1].register_forward_hook(lambda module, args, output: seen.update(trained=output[0] if isinstance(output, tuple) else output))
+    batch = tokenizer(["a fine film"], return_tensors="pt")
+    model(**batch, labels=torch.tensor([1])).loss.backward()
+    assert not seen["frozen"].requires_grad and seen["trained"].requires_grad
+    assert layers[1].self_attn.q_proj.weight.grad is not None and layers[0].self_attn.q_proj.weight.grad is None

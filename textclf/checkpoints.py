@@ -170,8 +170,11 @@ def drop_resume_state(output_dir: Path) -> None:
 
 
 def has_resume_state(checkpoint: Path) -> bool:
-    """Whether ``checkpoint`` still holds its optimizer state (the Trainer's file, or DeepSpeed's step folder)."""
-    return (checkpoint / "optimizer.pt").exists() or any(checkpoint.glob("global_step*"))
+    """Whether ``checkpoint`` still holds what resuming needs: the scheduler (the Trainer writes ``scheduler.pt``
+    under both engines; :func:`drop_resume_state` deletes it) and the optimizer (the Trainer's ``optimizer.pt``,
+    or DeepSpeed's ``global_step*`` folder, which is kept)."""
+    optimizer = (checkpoint / "optimizer.pt").exists() or any(checkpoint.glob("global_step*"))
+    return optimizer and (checkpoint / "scheduler.pt").exists()
 
 
 @dataclass

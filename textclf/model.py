@@ -212,7 +212,13 @@ class TextClassifier(nn.Module):
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None) -> None:
         kwargs = gradient_checkpointing_kwargs or {"use_reentrant": False}
-        base_of(self.backbone).gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        base = base_of(self.backbone)
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        if not self.spec.lora and kwargs.get("use_reentrant") is False and any(
+                not parameter.requires_grad for parameter in base.parameters()):
+            # transformers makes the embeddings' output require grad for checkpointing, which only reentrant
+            # checkpointing needs: with frozen_layers, backward would then run (and recompute) the frozen layers.
+            base.disable_input_require_grads()
 
 
 def base_of(backbone: nn.Module) -> nn.Module:
@@ -314,7 +320,7 @@ def freeze_lower_layers(backbone: nn.Module, count: int) -> int:
         if parameter is first_trained:
             break
         parameter.requires_grad_(False)
-        frozen += parameter.numel()
+        frozen += getattr(parameter, "ds_numel", parameter.numel())  # ZeRO-3 partitions leave numel() 0
     log.info("frozen: the embeddings and the lowest %d of %d layers (%.1fM parameters)", count, len(layers), frozen / 1e6)
     return frozen
 
