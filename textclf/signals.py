@@ -4,13 +4,17 @@
 ``tracking.tracked_run`` installs it around every tracked command (train, each seed of sweep, every process of
 train_deepspeed, evaluate, baseline). Inside the training loop (:func:`deferred_interrupts`) the first signal is
 only recorded and raised at a safe point, between steps, by :class:`InterruptCallback`: raised from inside
-library code it could be caught and re-wrapped. A second signal raises at once.
+library code it could be caught and re-wrapped. A second signal raises at once, unless it follows the first
+within :data:`SAME_INTERRUPT_SECONDS`: Ctrl-C in a terminal under `mlflow run` reaches the command twice, as
+SIGINT from the terminal and SIGTERM from `mlflow run` cancelling it, and that is one interrupt, not an impatient
+second one.
 """
 
 from __future__ import annotations
 
 import contextlib
 import signal
+import time
 from typing import Iterator
 
 from transformers import TrainerCallback
@@ -23,6 +27,10 @@ class _Interrupts:
 
     deferred = False
     requested: str | None = None
+    requested_at = 0.0  # time.monotonic() of the recorded signal
+
+
+SAME_INTERRUPT_SECONDS = 2.0
 
 
 def raise_if_interrupted() -> None:
@@ -62,9 +70,13 @@ def interrupts_raise() -> Iterator[None]:
 
     def handler(signum, _frame):
         name = signal.Signals(signum).name
-        if _Interrupts.deferred and not _Interrupts.requested:
-            _Interrupts.requested = name
-            return
+        if _Interrupts.deferred:
+            now = time.monotonic()
+            if not _Interrupts.requested:
+                _Interrupts.requested, _Interrupts.requested_at = name, now
+                return
+            if now - _Interrupts.requested_at < SAME_INTERRUPT_SECONDS:
+                return  # the same interrupt, delivered twice (see the module's docstring)
         raise TrainingInterrupted(name)
 
     previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}

@@ -1,0 +1,35 @@
+"""SIGINT/SIGTERM during training: recorded and raised between steps; a real second interrupt raises at once."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+
+from textclf import signals
+from textclf.errors import TrainingInterrupted
+from textclf.signals import deferred_interrupts, interrupts_raise
+
+
+def test_ctrl_c_under_mlflow_run_is_one_interrupt_raised_at_the_safe_point():
+    """A terminal's Ctrl-C reaches the command as SIGINT, and `mlflow run` sends SIGTERM right after: the
+    training must still stop between steps, not wherever the second signal lands."""
+    reached_the_safe_point = False
+    with interrupts_raise(), pytest.raises(TrainingInterrupted, match="SIGINT"):
+        with deferred_interrupts():
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGTERM)
+            reached_the_safe_point = True
+    assert reached_the_safe_point
+
+
+def test_a_second_interrupt_after_a_while_raises_at_once(monkeypatch):
+    monkeypatch.setattr(signals, "SAME_INTERRUPT_SECONDS", 0.0)
+    reached = False
+    with interrupts_raise(), pytest.raises(TrainingInterrupted, match="SIGTERM"):
+        with deferred_interrupts():
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGTERM)  # the user insists
+            reached = True
+    assert not reached
