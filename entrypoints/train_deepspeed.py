@@ -34,7 +34,7 @@ def train_deepspeed(num_procs: float, num_nodes: float, node_rank: float, master
         from textclf.config import build_config
         from textclf.data import load_splits
         from textclf.deepspeed import Nodes, build_deepspeed_config, launch, teardown_process_group
-        from textclf.errors import TextclfError
+        from textclf.errors import TextclfError, TrainingInterrupted
         from textclf import checkpoints
         from textclf.trainer_setup import resolve_precision
         from textclf.training import already_finished, run_training
@@ -65,7 +65,15 @@ def train_deepspeed(num_procs: float, num_nodes: float, node_rank: float, master
         started_ms = int(time.time() * 1000)
         forwarded = [f"--{name}={value}" for name, value in {**params, "mode": mode}.items() if value is not None]
         forwarded += [f"--offload={offload}", f"--deepspeed_config={deepspeed_config}"] + (["--debug"] if debug else [])
-        code = launch(num_procs, forwarded, nodes)
+        try:
+            code = launch(num_procs, forwarded, nodes)
+        except TrainingInterrupted:
+            if tracking.attached_run_id() and nodes.is_main:
+                # Rank 0 ended the run KILLED, but it is not `mlflow run`'s child, which would mark it FAILED.
+                from textclf.project_run import finish_after_mlflow_run
+
+                finish_after_mlflow_run(tracking.attached_run_id(), status="KILLED")
+            raise
         if not nodes.is_main:  # only the node of global rank 0 talks to MLflow; `mlflow run` made a run here too
             tracking.discard_attached_run(f"node {node_rank}: the run of node 0 holds this training")
             if code != 0:

@@ -195,3 +195,36 @@ def test_several_nodes_need_a_master_port(tmp_path, mlflow_store, tiny_dataset, 
     done = run_deepspeed(tmp_path, tiny_dataset, tiny_llama, "--num_nodes", "2")
     assert done.returncode == 2 and "master_port is required with num_nodes > 1" in done.stderr
     assert mlflow.search_runs(search_all_experiments=True, output_format="list") == []
+
+
+def test_sigterm_to_the_launcher_stops_every_rank_and_ends_the_run_killed(tmp_path, mlflow_store, tiny_dataset, tiny_llama):
+    """What `mlflow run`'s cancel does (SIGTERM to the launcher only): the ranks stop at the same step, the run
+    ends KILLED, not FAILED, and no process is left training."""
+    import signal
+    import time
+
+    env = mlflow_env(os.environ["MLFLOW_TRACKING_URI"])
+    env["PYTHONPATH"] = str(REPO)
+    args = [a if a != "4" else "100000" for a in ARGS]  # max_steps far beyond what runs before the signal
+    command = [sys.executable, "-m", "entrypoints.train_deepspeed", "--num_procs", "2", "--data_path", str(tiny_dataset),
+               "--base_model", tiny_llama, "--output_dir", str(tmp_path / "outputs"), *args]
+    log = open(tmp_path / "launcher.log", "w")
+    launcher = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
+    folder = tmp_path / "outputs" / "tinysent-lora-seed42"
+    deadline = time.time() + 600
+    while not any(folder.glob("checkpoint-*/COMPLETE")):
+        assert launcher.poll() is None and time.time() < deadline, (tmp_path / "launcher.log").read_text()[-3000:]
+        time.sleep(0.5)
+    launcher.send_signal(signal.SIGTERM)
+    try:
+        code = launcher.wait(timeout=180)
+        left = children_left(tmp_path)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the launcher outlived SIGTERM by 180 s:\n" + (tmp_path / "launcher.log").read_text()[-4000:])
+    finally:  # ranks left training would slow every later test
+        subprocess.run(["pkill", "-KILL", "-f", str(tmp_path / "outputs")])
+    assert code == 130, (tmp_path / "launcher.log").read_text()[-3000:]
+    assert left == []
+    [run] = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    assert run.info.status == "KILLED"
+    assert all((c / "COMPLETE").exists() for c in folder.glob("checkpoint-*"))

@@ -11,13 +11,14 @@ import json
 import logging
 import os
 import socket
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from textclf.checkpoints import WEIGHTS_FILE
-from textclf.errors import TextclfError
+from textclf.errors import TextclfError, TrainingInterrupted
 from textclf.threads import plan_threads
 
 log = logging.getLogger(__name__)
@@ -82,7 +83,8 @@ class Nodes:
 def launch(num_procs: int, worker_args: list[str], nodes: Nodes = Nodes()) -> int:
     """Run ``python -m entrypoints.train_deepspeed --worker ...`` on ``num_procs`` local processes with
     torchrun (gloo on CPU, NCCL on GPUs), as node ``nodes.rank`` of ``nodes.count``; return its exit code.
-    torchrun stops every rank when one fails."""
+    torchrun stops every rank when one fails. Raises TrainingInterrupted, once the ranks have stopped, when
+    this process was sent SIGINT or SIGTERM."""
     if num_procs < 1:
         raise TextclfError(f"num_procs must be at least 1, got {num_procs}")
     command = [
@@ -93,7 +95,27 @@ def launch(num_procs: int, worker_args: list[str], nodes: Nodes = Nodes()) -> in
     ]
     # Each rank's OpenMP pool from its start, by the one rule of textclf.threads (a user's OMP_NUM_THREADS wins).
     env = {**os.environ, "OMP_NUM_THREADS": str(plan_threads(ranks_sharing=num_procs).intra_op)}
-    return subprocess.call(command, env=env)
+    # torchrun and its ranks in a session of their own, and SIGINT/SIGTERM passed on to torchrun once: it stops
+    # the ranks (SIGTERM, SIGKILL after 30 s) and we wait for it. Without this, Ctrl-C reached every process
+    # twice over, and `mlflow run`'s cancel (SIGTERM to this process only) left the ranks training.
+    torchrun = subprocess.Popen(command, env=env, start_new_session=True)
+
+    received: list[str] = []
+
+    def pass_on(signum, _frame):
+        received.append(signal.Signals(signum).name)
+        if torchrun.poll() is None:
+            torchrun.send_signal(signum)
+
+    previous = {sig: signal.signal(sig, pass_on) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        code = torchrun.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if received:  # the ranks ended their run KILLED; not a failure
+        raise TrainingInterrupted(received[0])
+    return code
 
 
 def teardown_process_group() -> None:

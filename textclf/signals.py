@@ -54,13 +54,39 @@ def deferred_interrupts() -> Iterator[None]:
 
 class InterruptCallback(TrainerCallback):
     """Raises a signal recorded by :func:`deferred_interrupts` after a step and before its logs are written.
-    Put it first among the callbacks, so that no other callback acts on a step that was interrupted."""
+    Put it first among the callbacks, so that no other callback acts on a step that was interrupted.
+
+    With several processes (DeepSpeed) the ranks agree after every step: each would otherwise stop at the step
+    where its own signal happened to be seen, and a rank still in the next step's collectives waits forever.
+    A rank that was not signalled stops with the others."""
 
     def on_step_end(self, args, state, control, **kwargs):
+        if _world_size() > 1:
+            _agree_on_interrupt()
         raise_if_interrupted()
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        raise_if_interrupted()
+        if _world_size() == 1:  # between steps the ranks cannot agree without a collective of their own
+            raise_if_interrupted()
+
+
+def _world_size() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _agree_on_interrupt() -> None:
+    """Every rank takes the interrupt any rank recorded (one 1-element all-reduce per step)."""
+    import torch
+    import torch.distributed as dist
+
+    flag = torch.tensor([1 if _Interrupts.requested else 0], dtype=torch.int32)
+    if dist.get_backend() == "nccl":
+        flag = flag.cuda()
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    if flag.item() and not _Interrupts.requested:
+        _Interrupts.requested, _Interrupts.requested_at = "SIGTERM", time.monotonic()  # another rank's signal
 
 
 @contextlib.contextmanager
