@@ -68,11 +68,15 @@ def train_deepspeed(num_procs: float, num_nodes: float, node_rank: float, master
         try:
             code = launch(num_procs, forwarded, nodes)
         except TrainingInterrupted:
-            if tracking.attached_run_id() and nodes.is_main:
-                # Rank 0 ended the run KILLED, but it is not `mlflow run`'s child, which would mark it FAILED.
-                from textclf.project_run import finish_after_mlflow_run
+            if nodes.is_main:
+                # Rank 0 ends the run KILLED; if torchrun had to SIGKILL it first, the run is ended here.
+                tracking.end_stale_runs(config.experiment_name, str(config.run_output_dir.resolve()),
+                                        since_ms=started_ms, message="interrupted")
+                if tracking.attached_run_id():
+                    # `mlflow run` would mark it FAILED: rank 0 is not its child.
+                    from textclf.project_run import finish_after_mlflow_run
 
-                finish_after_mlflow_run(tracking.attached_run_id(), status="KILLED")
+                    finish_after_mlflow_run(tracking.attached_run_id(), status="KILLED")
             raise
         if not nodes.is_main:  # only the node of global rank 0 talks to MLflow; `mlflow run` made a run here too
             tracking.discard_attached_run(f"node {node_rank}: the run of node 0 holds this training")

@@ -14,11 +14,13 @@ import socket
 import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from textclf.checkpoints import WEIGHTS_FILE
 from textclf.errors import TextclfError, TrainingInterrupted
+from textclf.signals import SAME_INTERRUPT_SECONDS
 from textclf.threads import plan_threads
 
 log = logging.getLogger(__name__)
@@ -80,6 +82,11 @@ class Nodes:
         return self.rank == 0
 
 
+# How long torchrun lets stopped ranks end their step and their run before SIGKILL (its default: 30 s). Not
+# longer: a rank blocked in a collective after another rank failed cannot act on the signal at all.
+SHUTDOWN_SECONDS = 120
+
+
 def launch(num_procs: int, worker_args: list[str], nodes: Nodes = Nodes()) -> int:
     """Run ``python -m entrypoints.train_deepspeed --worker ...`` on ``num_procs`` local processes with
     torchrun (gloo on CPU, NCCL on GPUs), as node ``nodes.rank`` of ``nodes.count``; return its exit code.
@@ -89,32 +96,41 @@ def launch(num_procs: int, worker_args: list[str], nodes: Nodes = Nodes()) -> in
         raise TextclfError(f"num_procs must be at least 1, got {num_procs}")
     command = [
         sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={num_procs}", f"--nnodes={nodes.count}",
-        f"--node_rank={nodes.rank}", f"--master_addr={nodes.master_addr}",
+        f"--node_rank={nodes.rank}", f"--master_addr={nodes.master_addr}", f"--shutdown_timeout={SHUTDOWN_SECONDS}",
         f"--master_port={nodes.master_port or free_port()}",
         "-m", "entrypoints.train_deepspeed", "--worker", *worker_args,
     ]
     # Each rank's OpenMP pool from its start, by the one rule of textclf.threads (a user's OMP_NUM_THREADS wins).
     env = {**os.environ, "OMP_NUM_THREADS": str(plan_threads(ranks_sharing=num_procs).intra_op)}
-    # torchrun and its ranks in a session of their own, and SIGINT/SIGTERM passed on to torchrun once: it stops
-    # the ranks (SIGTERM, SIGKILL after 30 s) and we wait for it. Without this, Ctrl-C reached every process
-    # twice over, and `mlflow run`'s cancel (SIGTERM to this process only) left the ranks training.
-    torchrun = subprocess.Popen(command, env=env, start_new_session=True)
-
-    received: list[str] = []
+    # torchrun (which puts each rank in a session of its own) in a session of its own too, so that a terminal's
+    # Ctrl-C reaches only this process; signals are passed on to it, by textclf.signals' rule: a repeat within
+    # SAME_INTERRUPT_SECONDS is the same interrupt (under `mlflow run`, Ctrl-C arrives as SIGINT then SIGTERM),
+    # and at most one later, insisting signal follows (a third one makes torchrun exit and orphan its ranks).
+    # torchrun then stops the ranks with the signal it got and waits for them (up to the shutdown timeout,
+    # SHUTDOWN_SECONDS: a rank stops after its current step, evaluation or save).
+    passed_on: list[tuple[str, float]] = []
+    torchrun: subprocess.Popen | None = None
 
     def pass_on(signum, _frame):
-        received.append(signal.Signals(signum).name)
-        if torchrun.poll() is None:
+        now = time.monotonic()
+        if passed_on and (now - passed_on[-1][1] < SAME_INTERRUPT_SECONDS or len(passed_on) >= 2):
+            return
+        passed_on.append((signal.Signals(signum).name, now))
+        if torchrun is not None and torchrun.poll() is None:
             torchrun.send_signal(signum)
 
-    previous = {sig: signal.signal(sig, pass_on) for sig in (signal.SIGINT, signal.SIGTERM)}
+    handled = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    previous = {sig: signal.signal(sig, pass_on) for sig in handled}  # before torchrun exists: no gap
     try:
+        torchrun = subprocess.Popen(command, env=env, start_new_session=True)
+        if passed_on:  # a signal came while it started
+            torchrun.send_signal(getattr(signal, passed_on[0][0]))
         code = torchrun.wait()
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    if received:  # the ranks ended their run KILLED; not a failure
-        raise TrainingInterrupted(received[0])
+    if passed_on and code != 0:  # the ranks ended their run KILLED: not a failure
+        raise TrainingInterrupted(passed_on[0][0])
     return code
 
 

@@ -27,7 +27,7 @@ class _Interrupts:
 
     deferred = False
     requested: str | None = None
-    requested_at = 0.0  # time.monotonic() of the recorded signal
+    last_signal_at = float("-inf")  # time.monotonic() of the last signal that acted
 
 
 SAME_INTERRUPT_SECONDS = 2.0
@@ -61,9 +61,12 @@ class InterruptCallback(TrainerCallback):
     A rank that was not signalled stops with the others."""
 
     def on_step_end(self, args, state, control, **kwargs):
-        if _world_size() > 1:
-            _agree_on_interrupt()
-        raise_if_interrupted()
+        if _world_size() == 1:
+            raise_if_interrupted()
+        elif _agreed_interrupt(args.device):
+            # Decided by the reduced flag alone: a signal that lands after the all-reduce waits for the next one.
+            name, _Interrupts.requested = _Interrupts.requested or "SIGTERM", None
+            raise TrainingInterrupted(name)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if _world_size() == 1:  # between steps the ranks cannot agree without a collective of their own
@@ -76,17 +79,14 @@ def _world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
-def _agree_on_interrupt() -> None:
-    """Every rank takes the interrupt any rank recorded (one 1-element all-reduce per step)."""
+def _agreed_interrupt(device) -> bool:
+    """Whether any rank recorded an interrupt (one 1-element all-reduce per step, on the Trainer's device)."""
     import torch
     import torch.distributed as dist
 
-    flag = torch.tensor([1 if _Interrupts.requested else 0], dtype=torch.int32)
-    if dist.get_backend() == "nccl":
-        flag = flag.cuda()
+    flag = torch.tensor([1 if _Interrupts.requested else 0], dtype=torch.int32, device=device)
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    if flag.item() and not _Interrupts.requested:
-        _Interrupts.requested, _Interrupts.requested_at = "SIGTERM", time.monotonic()  # another rank's signal
+    return bool(flag.item())
 
 
 @contextlib.contextmanager
@@ -96,13 +96,13 @@ def interrupts_raise() -> Iterator[None]:
 
     def handler(signum, _frame):
         name = signal.Signals(signum).name
-        if _Interrupts.deferred:
-            now = time.monotonic()
-            if not _Interrupts.requested:
-                _Interrupts.requested, _Interrupts.requested_at = name, now
-                return
-            if now - _Interrupts.requested_at < SAME_INTERRUPT_SECONDS:
-                return  # the same interrupt, delivered twice (see the module's docstring)
+        now = time.monotonic()
+        if now - _Interrupts.last_signal_at < SAME_INTERRUPT_SECONDS:
+            return  # the same interrupt delivered twice (see the module's docstring), even mid-cleanup
+        _Interrupts.last_signal_at = now
+        if _Interrupts.deferred and not _Interrupts.requested:
+            _Interrupts.requested = name
+            return
         raise TrainingInterrupted(name)
 
     previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
