@@ -4,8 +4,8 @@
 ``tracking.tracked_run`` installs it around every tracked command (train, each seed of sweep, every process of
 train_deepspeed, evaluate, baseline). Inside the training loop (:func:`deferred_interrupts`) the first signal is
 only recorded and raised at a safe point, between steps, by :class:`InterruptCallback`: raised from inside
-library code it could be caught and re-wrapped. A second signal raises at once, unless it follows the first
-within :data:`SAME_INTERRUPT_SECONDS`: Ctrl-C in a terminal under `mlflow run` reaches the command twice, as
+library code it could be caught and re-wrapped. A second signal raises at once, unless it follows the previous
+one within :data:`SAME_INTERRUPT_SECONDS` (then it is ignored, in the training loop or in the cleanup after it): Ctrl-C in a terminal under `mlflow run` reaches the command twice, as
 SIGINT from the terminal and SIGTERM from `mlflow run` cancelling it, and that is one interrupt, not an impatient
 second one.
 """
