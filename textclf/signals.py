@@ -103,6 +103,7 @@ def interrupts_raise() -> Iterator[None]:
         if _Interrupts.deferred and not _Interrupts.requested:
             _Interrupts.requested = name
             return
+        _Interrupts.requested = None  # this interrupt supersedes a recorded one: nothing is left to raise later
         raise TrainingInterrupted(name)
 
     previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
