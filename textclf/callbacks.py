@@ -8,10 +8,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
 from transformers import TrainerCallback
 
 from textclf import checkpoints
+from textclf.signals import any_rank
 
 log = logging.getLogger(__name__)
 
@@ -46,11 +46,7 @@ class TimeBudgetCallback(TrainerCallback):
         self.started = time.perf_counter()
 
     def on_step_end(self, args, state, control, **kwargs):
-        over = time.perf_counter() - self.started >= self.seconds
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            flag = torch.tensor([float(over)], device=args.device)
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-            over = bool(flag.item())
+        over = any_rank(time.perf_counter() - self.started >= self.seconds, args.device)
         if over and not control.should_training_stop:
             log.info("time budget of %.1f min reached at step %d: evaluating, saving and stopping",
                      self.seconds / 60, state.global_step)

@@ -108,14 +108,14 @@ def launch(num_procs: int, worker_args: list[str], nodes: Nodes = Nodes()) -> in
     # and at most one later, insisting signal follows (a third one makes torchrun exit and orphan its ranks).
     # torchrun then stops the ranks with the signal it got and waits for them (up to the shutdown timeout,
     # SHUTDOWN_SECONDS: a rank stops after its current step, evaluation or save).
-    passed_on: list[tuple[str, float]] = []
+    passed_on: list[tuple[int, float]] = []  # (signal, when)
     torchrun: subprocess.Popen | None = None
 
     def pass_on(signum, _frame):
         now = time.monotonic()
         if passed_on and (now - passed_on[-1][1] < SAME_INTERRUPT_SECONDS or len(passed_on) >= 2):
             return
-        passed_on.append((signal.Signals(signum).name, now))
+        passed_on.append((signum, now))
         if torchrun is not None and torchrun.poll() is None:
             torchrun.send_signal(signum)
 
@@ -124,13 +124,13 @@ def launch(num_procs: int, worker_args: list[str], nodes: Nodes = Nodes()) -> in
     try:
         torchrun = subprocess.Popen(command, env=env, start_new_session=True)
         if passed_on:  # a signal came while it started
-            torchrun.send_signal(getattr(signal, passed_on[0][0]))
+            torchrun.send_signal(passed_on[0][0])
         code = torchrun.wait()
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     if passed_on and code != 0:  # the ranks ended their run KILLED: not a failure
-        raise TrainingInterrupted(passed_on[0][0])
+        raise TrainingInterrupted(signal.Signals(passed_on[0][0]).name)
     return code
 
 

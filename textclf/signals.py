@@ -5,9 +5,9 @@
 train_deepspeed, evaluate, baseline). Inside the training loop (:func:`deferred_interrupts`) the first signal is
 only recorded and raised at a safe point, between steps, by :class:`InterruptCallback`: raised from inside
 library code it could be caught and re-wrapped. A second signal raises at once, unless it follows the previous
-one within :data:`SAME_INTERRUPT_SECONDS` (then it is ignored, in the training loop or in the cleanup after it): Ctrl-C in a terminal under `mlflow run` reaches the command twice, as
-SIGINT from the terminal and SIGTERM from `mlflow run` cancelling it, and that is one interrupt, not an impatient
-second one.
+one within :data:`SAME_INTERRUPT_SECONDS` (then it is ignored, in the training loop or in the cleanup after
+it): Ctrl-C in a terminal under `mlflow run` reaches the command twice, as SIGINT from the terminal and SIGTERM
+from `mlflow run` cancelling it, and that is one interrupt, not an impatient second one.
 """
 
 from __future__ import annotations
@@ -61,32 +61,27 @@ class InterruptCallback(TrainerCallback):
     A rank that was not signalled stops with the others."""
 
     def on_step_end(self, args, state, control, **kwargs):
-        if _world_size() == 1:
-            raise_if_interrupted()
-        elif _agreed_interrupt(args.device):
-            # Decided by the reduced flag alone: a signal that lands after the all-reduce waits for the next one.
+        # With several ranks, decided by the reduced flag alone: a signal after the all-reduce waits for the next.
+        if any_rank(bool(_Interrupts.requested), args.device):
             name, _Interrupts.requested = _Interrupts.requested or "SIGTERM", None
             raise TrainingInterrupted(name)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if _world_size() == 1:  # between steps the ranks cannot agree without a collective of their own
+        if args.world_size == 1:  # between steps the ranks cannot agree without a collective of their own
             raise_if_interrupted()
 
 
-def _world_size() -> int:
-    import torch.distributed as dist
-
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def _agreed_interrupt(device) -> bool:
-    """Whether any rank recorded an interrupt (one 1-element all-reduce per step, on the Trainer's device)."""
+def any_rank(flag: bool, device) -> bool:
+    """Whether ``flag`` is set on any rank (one 1-element all-reduce, on the Trainer's device); ``flag`` itself
+    in a single process. Every rank must call it at the same point."""
     import torch
     import torch.distributed as dist
 
-    flag = torch.tensor([1 if _Interrupts.requested else 0], dtype=torch.int32, device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return bool(flag.item())
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    reduced = torch.tensor([int(flag)], dtype=torch.int32, device=device)
+    dist.all_reduce(reduced, op=dist.ReduceOp.MAX)
+    return bool(reduced.item())
 
 
 @contextlib.contextmanager
