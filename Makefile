@@ -16,7 +16,8 @@ export TOKENIZERS_PARALLELISM := false
 # but two take ~7 min there: a CPU with bf16 instructions trains MiniLM over twice as fast (bf16 autocast), so
 # the demo runs two epochs where `precision=auto` picks bf16, one elsewhere. A short prompt that still lists the
 # class names; sentences cut at 64 tokens; the time budget only guards a slow machine.
-DEMO_EPOCHS := $(shell grep -qE 'avx512_bf16|amx_bf16' /proc/cpuinfo 2>/dev/null && echo 2 || echo 1)
+CPUINFO ?= /proc/cpuinfo
+DEMO_EPOCHS := $(shell grep -qE 'avx512_bf16|amx_bf16' $(CPUINFO) 2>/dev/null && echo 2 || echo 1)
 DEMO_TEMPLATE := "{text}" Categories: {class_labels}. Answer:
 DEMO := -P mode=full -P dataset=sst2 -P base_model=$(DEMO_MODEL) -P 'prompt_template=$(DEMO_TEMPLATE)' \
         -P max_length=64 -P batch_size=32 -P learning_rate=2e-4 -P head_learning_rate=1e-3 -P warmup_ratio=0.1 \

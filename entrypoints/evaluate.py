@@ -29,7 +29,6 @@ def evaluate(model_uri: str, data_path: str, text_column: str, label_column: str
         max_test_samples = parse_positive_int("max_test_samples", max_test_samples) if max_test_samples else None
         batch_size = parse_positive_int("batch_size", batch_size)
         from textclf.data import load_test_split
-        from textclf.evaluation import log_misclassified, write_test_artifacts
         from textclf.inference import Predictor
         from textclf.model_sources import load_model_source
         from textclf import tracking
@@ -51,11 +50,8 @@ def evaluate(model_uri: str, data_path: str, text_column: str, label_column: str
             predictor = Predictor(loaded.model, loaded.tokenizer, batch_size=batch_size, progress=True)
             probabilities = predictor.predict_proba(test["text"].tolist())
             with tempfile.TemporaryDirectory() as tmp:
-                metrics = write_test_artifacts(Path(tmp), test["text"].tolist(), test["label"].tolist(),
-                                               probabilities, names)
-                mlflow.log_artifacts(tmp, artifact_path="test")
-            log_misclassified(test["text"].tolist(), test["label"].tolist(), probabilities, names)
-            tracking.log_metrics({f"test/{k}": v for k, v in metrics.items()})
+                metrics = tracking.log_test_results(Path(tmp), test["text"].tolist(), test["label"].tolist(),
+                                                    probabilities, names)
             click.echo(f"run {run.info.run_id}: " + ", ".join(f"test {k}={v:.4f}" for k, v in metrics.items()))
 
 
@@ -69,34 +65,24 @@ def data_name(data_path: str) -> str:
 
 def model_dataset(model_uri: str, model) -> str | None:
     """The dataset the model was trained on, when it says so: its spec, the `dataset` tag of the run that
-    logged it, or a registered name `textclf-<dataset>`. None for folders and checkpoints that do not say."""
+    logged it (found by MLflow's model info), or a registered name `textclf-<dataset>`. None for folders and
+    checkpoints that do not say."""
     known = (getattr(model.spec, "extra", None) or {}).get("dataset")
     if known:
         return str(known)
+    if not model_uri.startswith(("models:/", "runs:/")):
+        return None
     import mlflow
-    from mlflow import MlflowClient
 
-    client = MlflowClient()
-    name = None
     try:
-        if model_uri.startswith("runs:/"):
-            run_id = model_uri[len("runs:/"):].split("/", 1)[0]
-        elif model_uri.startswith("models:/"):
-            reference = model_uri[len("models:/"):]
-            if "@" in reference:
-                name, alias = reference.split("@", 1)
-                run_id = client.get_model_version_by_alias(name, alias).run_id
-            else:
-                name, _, version = reference.partition("/")
-                run_id = client.get_model_version(name, version).run_id if version.isdigit() else None
-        else:
-            return None
-        tag = client.get_run(run_id).data.tags.get("dataset") if run_id else None
+        run_id = mlflow.models.get_model_info(model_uri).run_id
+        tag = mlflow.MlflowClient().get_run(run_id).data.tags.get("dataset") if run_id else None
     except mlflow.exceptions.MlflowException:
         tag = None
     if tag:
         return tag
-    return name[len("textclf-"):] if name and name.startswith("textclf-") else None
+    name = model_uri[len("models:/"):].split("/")[0].split("@")[0] if model_uri.startswith("models:/") else ""
+    return name[len("textclf-"):] if name.startswith("textclf-") else None
 
 
 if __name__ == "__main__":

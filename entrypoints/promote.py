@@ -14,14 +14,18 @@ from entrypoints.common import COMMAND_SETTINGS, debug_option, setup_logging, us
                    "or loss (lowest wins); never a test metric")
 @click.option("--no-stage", "no_stage", is_flag=True, help="set the alias only, leave registry stages alone")
 @click.option("--stage", type=click.BOOL, default=True, help="false: same as --no-stage (for MLproject's -P stage=false)")
+@click.option("--validation_digest", default="",
+              help="rank only the versions validated on these rows (tag validation_digest, or its first characters; "
+                   "'unrecorded' for versions without it): needed when versions were validated on different rows")
 @debug_option
-def promote(dataset: str, metric: str, no_stage: bool, stage: bool, debug: bool) -> None:
+def promote(dataset: str, metric: str, no_stage: bool, stage: bool, validation_digest: str, debug: bool) -> None:
     """Point alias `champion` at the registered version with the best validation METRIC."""
     setup_logging()
     with user_errors(debug):
         from textclf.registry import promote as promote_best
 
-        result = promote_best(dataset, metric=metric, use_stage=stage and not no_stage)
+        result = promote_best(dataset, metric=metric, use_stage=stage and not no_stage,
+                              validation_digest=validation_digest or None)
         state = "now champion" if result.changed else "already champion (nothing changed)"
         click.echo(f"{result.name} version {result.version} is {state}: {result.reason}")
         record_in_mlflow_run(result)

@@ -33,7 +33,7 @@ def train_deepspeed(num_procs: float, num_nodes: float, node_rank: float, master
         from textclf import tracking
         from textclf.config import build_config
         from textclf.data import load_splits
-        from textclf.deepspeed import Nodes, build_deepspeed_config, launch, teardown_process_group
+        from textclf.deepspeed import Nodes, build_deepspeed_config, launch
         from textclf.errors import TextclfError, TrainingInterrupted
         from textclf import checkpoints
         from textclf.trainer_setup import resolve_precision
@@ -47,7 +47,6 @@ def train_deepspeed(num_procs: float, num_nodes: float, node_rank: float, master
             run_training(config, deepspeed=deepspeed,
                          extra_tags={"deepspeed": "zero3", "world_size": os.environ.get("WORLD_SIZE", "1"),
                                      "offload": offload})
-            teardown_process_group()
             return
         # Refuse bad data, and a folder of another recipe, once, before any process starts; and recognise a
         # finished run without starting any.
@@ -70,8 +69,8 @@ def train_deepspeed(num_procs: float, num_nodes: float, node_rank: float, master
         except TrainingInterrupted:
             if nodes.is_main:
                 # Rank 0 ends the run KILLED; if torchrun had to SIGKILL it first, the run is ended here.
-                tracking.end_stale_runs(config.experiment_name, str(config.run_output_dir.resolve()),
-                                        since_ms=started_ms, message="interrupted")
+                tracking.end_dead_runs(str(config.run_output_dir.resolve()), since_ms=started_ms,
+                                       reason="was interrupted and stopped before it could end its run")
                 if tracking.attached_run_id():
                     # `mlflow run` would mark it FAILED: rank 0 is not its child.
                     from textclf.project_run import finish_after_mlflow_run
@@ -85,11 +84,9 @@ def train_deepspeed(num_procs: float, num_nodes: float, node_rank: float, master
             click.echo(f"DeepSpeed training finished on node {node_rank}; node 0 logged the run")
             return
         if code != 0:
-            failed = tracking.end_stale_runs(
-                config.experiment_name, str(config.run_output_dir.resolve()), status="FAILED",
-                statuses=("RUNNING", "KILLED"), since_ms=started_ms,
-                message=f"a DeepSpeed process failed (launcher exit code {code})",
-            )
+            failed = tracking.end_dead_runs(
+                str(config.run_output_dir.resolve()), status="FAILED", ended=("KILLED",), since_ms=started_ms,
+                reason=f"stopped: a DeepSpeed process failed (launcher exit code {code})")
             raise TextclfError(f"DeepSpeed training failed on at least one of {num_procs} processes (exit code {code})"
                                + (f"; run {', '.join(failed)} marked FAILED" if failed else ""))
         click.echo(f"DeepSpeed training finished on {num_procs} processes" + (f" x {num_nodes} nodes" if num_nodes > 1 else ""))

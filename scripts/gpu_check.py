@@ -72,7 +72,7 @@ class Plan:
     train_steps: int  # steps of each correctness training run
     train_batch: int
     eval_rows: int  # validation, test, pyfunc and evaluate rows
-    calibration_rows: int
+    standardization_rows: int
     bench_batch: int
     bench_steps: int  # timed steps + 1 warm-up step
     compile_warmup: int  # steps before timing starts under torch.compile (its compilations)
@@ -87,11 +87,11 @@ class Plan:
 
 def make_plan(dryrun: bool, cuda: bool, args: argparse.Namespace) -> Plan:
     if dryrun:
-        plan = Plan(LLAMA_TINY, 600, 2000, train_steps=4, train_batch=4, eval_rows=16, calibration_rows=8,
+        plan = Plan(LLAMA_TINY, 600, 2000, train_steps=4, train_batch=4, eval_rows=16, standardization_rows=8,
                     bench_batch=4, bench_steps=3, compile_warmup=2, memory_batch=8, memory_steps=2,
                     matmul_size=2048, matmul_repeats=5, subprocess_timeout=240)
     else:
-        plan = Plan(LLAMA_1B, 8000, 100_000, train_steps=24, train_batch=8, eval_rows=32, calibration_rows=16,
+        plan = Plan(LLAMA_1B, 8000, 100_000, train_steps=24, train_batch=8, eval_rows=32, standardization_rows=16,
                     bench_batch=16, bench_steps=11, compile_warmup=4, memory_batch=32, memory_steps=3,
                     matmul_size=8192 if cuda else 2048, matmul_repeats=20, subprocess_timeout=900)
     for name in ("train_steps", "bench_batch", "bench_steps"):
@@ -372,7 +372,7 @@ def train_args(check: Check, plan: Plan, model_dir: Path, mode: str, precision: 
             "--max_samples", str(steps * plan.train_batch), "--max_steps", str(steps), "--eval_steps", str(steps),
             "--save_steps", str(steps), "--logging_steps", str(max(1, steps // 6)), "--batch_size", str(plan.train_batch),
             "--eval_batch_size", "32", "--max_eval_samples", str(plan.eval_rows), "--max_test_samples",
-            str(plan.eval_rows), "--calibration_samples", str(plan.calibration_rows), "--max_length", "128",
+            str(plan.eval_rows), "--standardization_samples", str(plan.standardization_rows), "--max_length", "128",
             "--warmup_ratio", "0.1", "--output_dir", str(check.work / "outputs"), "--run_name", run_name,
             "--register", "false", "--resume", "false"]
 
@@ -398,30 +398,39 @@ def check_train(check: Check, plan: Plan, model_dir: Path, mode: str, precision:
 
 
 def check_pyfunc(run_id: str, texts: list[str]) -> dict[str, Any]:
-    """Load the logged model as a user does and predict on CPU; on CUDA also with its model moved to the GPU."""
+    """Load the logged model as a user does (on the GPU where there is one) and a copy with the CPU forced, and
+    compare their predictions. Each copy must have loaded where it was meant to: a "CPU" copy that moved itself
+    to the GPU would compare the GPU with itself."""
     import mlflow.pyfunc
     import numpy as np
     import pandas as pd
     import torch
 
-    started = time.perf_counter()
-    with own_textclf():
-        model = mlflow.pyfunc.load_model(f"runs:/{run_id}/model")
-    load_seconds = time.perf_counter() - started
-    predictor = model.unwrap_python_model().predictor
-    loaded_on = str(predictor.device)
+    from textclf.serving import forced_device
+
+    uri = f"runs:/{run_id}/model"
     frame = pd.DataFrame({"text": texts})
-    on_cpu = model.predict(frame)
-    result: dict[str, Any] = {"uri": f"runs:/{run_id}/model", "rows": len(texts), "load_seconds": round(load_seconds, 1),
-                              "loaded_on": loaded_on, "cpu_labels": on_cpu["label"].value_counts().to_dict()}
-    if torch.cuda.is_available() and loaded_on == "cpu":
-        result["note"] = ("the pyfunc model loads on CPU although CUDA is available: textclf.model.load_classifier "
-                          "loads with AutoModel.from_pretrained and no device, and Predictor predicts where the model is")
+    started = time.perf_counter()
+    with own_textclf(), forced_device("cpu"):
+        cpu_model = mlflow.pyfunc.load_model(uri)
+    load_seconds = time.perf_counter() - started
+    cpu_device = str(cpu_model.unwrap_python_model().predictor.device)
+    on_cpu = cpu_model.predict(frame)
+    result: dict[str, Any] = {"uri": uri, "rows": len(texts), "load_seconds": round(load_seconds, 1),
+                              "cpu_copy_loaded_on": cpu_device, "cpu_labels": on_cpu["label"].value_counts().to_dict()}
+    if cpu_device != "cpu":
+        result.update(status="failed", error=f"the copy loaded with the CPU forced is on {cpu_device}")
+        return result
     if not torch.cuda.is_available():
         result["gpu"] = "skipped: no CUDA"
         return result
-    predictor.model.to("cuda")
-    on_gpu = model.predict(frame)
+    with own_textclf():
+        gpu_model = mlflow.pyfunc.load_model(uri)
+    result["loaded_on"] = str(gpu_model.unwrap_python_model().predictor.device)
+    if not result["loaded_on"].startswith("cuda"):
+        result.update(status="failed", error=f"the pyfunc model loaded on {result['loaded_on']} although CUDA is available")
+        return result
+    on_gpu = gpu_model.predict(frame)
     columns = [c for c in on_cpu.columns if c.startswith("prob_")]
     cpu_probs, gpu_probs = on_cpu[columns].to_numpy(), on_gpu[columns].to_numpy()
     difference = float(np.abs(cpu_probs - gpu_probs).max())
@@ -434,7 +443,7 @@ def check_pyfunc(run_id: str, texts: list[str]) -> dict[str, Any]:
                      "max_abs_probability_difference": difference, "unexplained_disagreements": unexplained}
     if unexplained or difference > 1e-2:
         result.update(status="failed", error="CPU and GPU predictions differ")
-    predictor.model.to("cpu")
+    del gpu_model
     return result
 
 
@@ -561,70 +570,6 @@ def measured(function: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     return result
 
 
-def warm_step_timer(counts, flop_model, warmup: int):
-    """textclf.bench.StepTimer that starts counting after ``warmup`` steps (torch.compile compiles during
-    the first steps: once per new shape until it marks the sequence length dynamic)."""
-    from textclf.bench import StepTimer
-
-    class WarmStepTimer(StepTimer):
-        def on_step_end(self, args, state, control, **kwargs):
-            super().on_step_end(args, state, control, **kwargs)
-            if state.global_step <= warmup:
-                self.totals = {key: 0 for key in self.totals}
-
-    return WarmStepTimer(counts, flop_model)
-
-
-def measure_lever(config, pad_to_max_length: bool, setting: str, *, attention: str | None = None,
-                  optim: str | None = None, compile_backend: str | None = None, gradient_checkpointing: bool = False,
-                  warmup: int = 1):
-    """textclf.bench.measure_training with one lever changed. It is that function step by step (same
-    config, model, collator, Trainer arguments and timer), because measure_training has no parameter for
-    the attention implementation, the optimizer, torch.compile, gradient checkpointing or the warm-up."""
-    from transformers import DataCollatorWithPadding
-
-    from textclf.bench import FlopModel, Throughput
-    from textclf.model import base_of
-    from textclf.trainer_setup import (BatchCounts, ClassifierTrainer, prepare, resolve_precision, training_arguments,
-                                       training_collator)
-
-    precision = resolve_precision(config.training.precision)
-    prepared = prepare(config)
-    model, tokenizer = prepared.model, prepared.tokenizer
-    base = base_of(model.backbone)
-    if attention:
-        if hasattr(base, "set_attn_implementation"):
-            base.set_attn_implementation(attention)
-        else:  # older transformers: the config attribute the attention layers read
-            base.config._attn_implementation = attention
-    if gradient_checkpointing:
-        model.gradient_checkpointing_enable()  # as textclf.training.run_training does
-    if pad_to_max_length:
-        collator = DataCollatorWithPadding(tokenizer, padding="max_length", max_length=config.data.max_length)
-    else:
-        collator = training_collator(tokenizer)
-    flop_model = FlopModel.of(model)
-    counts = BatchCounts()
-    timer = warm_step_timer(counts, flop_model, warmup)
-    changes: dict[str, Any] = {"eval_strategy": "no", "save_strategy": "no", "load_best_model_at_end": False}
-    if optim:
-        changes["optim"] = optim
-    if compile_backend:
-        changes.update(torch_compile=True, torch_compile_backend=compile_backend)
-    with tempfile.TemporaryDirectory() as tmp:
-        args = dataclasses.replace(training_arguments(config, Path(tmp), precision), **changes)
-        trainer = ClassifierTrainer(model=model, args=args, train_dataset=prepared.train_set, data_collator=collator,
-                                    callbacks=[timer], head_learning_rate=config.training.head_learning_rate,
-                                    batch_counts=counts)
-        trainer.train()
-        optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)  # under accelerate's wrapper
-        ran = {"attn_implementation": str(base.config._attn_implementation),
-               "optim": str(getattr(args.optim, "value", args.optim)),
-               "optimizer": f"{type(optimizer).__name__}(fused={optimizer.defaults.get('fused')})",
-               "torch_compile": compile_backend or False, "gradient_checkpointing": gradient_checkpointing}
-    return Throughput(setting=setting, **timer.totals), ran
-
-
 def bench_setting(plan: Plan, model_dir: Path, tmp: str, mode: str, *, pad_to_512: bool = False,
                   batch: int | None = None, steps: int | None = None, **levers):
     """One training setting of the 1B (or tiny) model on SST-2 rows, its Throughput and what ran."""
@@ -638,11 +583,8 @@ def bench_setting(plan: Plan, model_dir: Path, tmp: str, mode: str, *, pad_to_51
     config = bench_config(str(model_dir), "sst2", steps * batch, steps, 512, not pad_to_512, tmp, mode)
     config = dataclasses.replace(config, training=dataclasses.replace(config.training, batch_size=batch))
     name = f"{mode}, {'pad to 512, random batches' if pad_to_512 else 'pad per batch, length-grouped'}"
-    if not levers:
-        throughput, _ = measure_training(config, pad_to_512, name)  # exactly what `make bench` times
-        return throughput, {"attn_implementation": plan.default_attention, "optim": plan.default_optim,
-                            "torch_compile": False, "gradient_checkpointing": False}
-    return measure_lever(config, pad_to_512, name, **levers)
+    throughput, _, ran = measure_training(config, pad_to_512, name, **levers)  # without levers: what `make bench` times
+    return throughput, ran
 
 
 def throughput_settings(plan: Plan, cuda: bool) -> list[tuple[str, str, dict[str, Any]]]:
@@ -676,8 +618,10 @@ def check_throughput(check: Check, plan: Plan, model_dir: Path) -> dict[str, Any
     free_memory()
     peak = section["matmul"]["gflops"]
     section["batch_size"] = plan.bench_batch
-    section["flops"] = "textclf.bench.FlopModel: per real token 4 x frozen + 6 x trained linear weights + attention " \
-                       "at the batch's padded length; padding, embeddings, head and recomputation not counted"
+    section["flops"] = "textclf.bench.FlopModel: per real token 2 x linear weights below the lowest trained layer, " \
+                       "4 x frozen and 6 x trained above it, + attention on each row's real length; padding, " \
+                       "embeddings, head and recomputation not counted. MFU divides by the matmul rate measured " \
+                       "here (the median of section matmul), not a datasheet peak"
     settings = section.setdefault("settings", {})
     with tempfile.TemporaryDirectory(dir=check.work) as tmp:
         for key, mode, options in throughput_settings(plan, cuda):
@@ -776,8 +720,8 @@ def padding_free(plan: Plan, model_dir: Path, tmp: str) -> dict[str, Any]:
     real = sum(encoded.lengths[i] for g in groups[1:] for i in g)
     padded_tokens = sum(len(g) * max(encoded.lengths[i] for i in g) for g in groups[1:])
     # The same rows in both layouts: the same useful FLOPs, counted as for the padded batches.
-    flops = sum(flop_model.training_flops(sum(encoded.lengths[i] for i in g), len(g) * max(encoded.lengths[i] for i in g),
-                                          max(encoded.lengths[i] for i in g)) for g in groups[1:])
+    flops = sum(flop_model.training_flops(sum(encoded.lengths[i] for i in g), sum(encoded.lengths[i] ** 2 for i in g))
+                for g in groups[1:])
     for layout, make in (("padded", padded), ("packed", packed)):
         def run(layout=layout, make=make):
             seconds = 0.0
@@ -866,7 +810,8 @@ def table(report: dict[str, Any]) -> str:
                 detail += f", consolidated {item['consolidated_bytes'] / 2**20:.0f} MiB"
         elif name == "pyfunc":
             gpu = item.get("gpu")
-            detail = f"loaded on {item.get('loaded_on')}; GPU: " + (gpu if isinstance(gpu, str) else
+            detail = (f"CPU copy on {item.get('cpu_copy_loaded_on')}, default copy on {item.get('loaded_on', '-')}; "
+                      "GPU: ") + (gpu if isinstance(gpu, str) else
                                                                      f"labels equal {gpu.get('labels_equal') if gpu else '?'}")
         elif name == "precision_auto":
             detail = f"auto -> {item.get('resolved')} (expected {item.get('expected')})"

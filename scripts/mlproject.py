@@ -81,8 +81,10 @@ OTHER_ENTRY_POINTS = """\
       dataset: {type: string}
       metric: {type: string, default: "f1_macro"}
       stage: {type: string, default: "true"}
+      validation_digest: {type: string, default: ""}
     command: >-
       python -m entrypoints.promote --dataset {dataset} --metric {metric} --stage {stage}
+      --validation_digest {validation_digest}
 """
 
 

@@ -104,6 +104,7 @@ def test_a_head_rigged_for_one_class_name_predicts_that_class_for_every_text(tin
     assert (probabilities[:, target] > 0.99).all()
 
 
+@pytest.mark.slow
 def test_the_baseline_run_is_logged_like_a_trained_run_and_its_model_serves_and_evaluates(
         mlflow_store, named_dataset, tiny_llama):
     result = invoke("--data_path", str(named_dataset), "--base_model", tiny_llama, "--batch_size", "4",
@@ -139,6 +140,7 @@ def test_the_baseline_run_is_logged_like_a_trained_run_and_its_model_serves_and_
     assert evaluated.data.metrics["test/accuracy"] == pytest.approx(metrics["test/accuracy"])
 
 
+@pytest.mark.slow
 def test_register_scores_validation_so_promote_can_rank_the_baseline(mlflow_store, named_dataset, tiny_llama):
     result = invoke("--data_path", str(named_dataset), "--base_model", tiny_llama, "--register", "true",
                     "--max_test_samples", "6", "--run_name", "zs")

@@ -8,34 +8,32 @@ import pytest
 from click.testing import CliRunner
 
 
-def test_flop_model_counts_lora_weights_as_trained_and_base_weights_as_frozen(tiny_llama):
+@pytest.mark.parametrize("mode, lower_layers_frozen", [("lora", 0), ("lora", 1), ("full", 0), ("full", 1)])
+def test_flop_model_counts_what_torch_counts_in_a_training_step(tiny_llama, mode, lower_layers_frozen):
+    """torch's FlopCounterMode over a real forward and backward of an unpadded batch (eager attention, whose
+    matmuls it sees) counts exactly the FLOPs FlopModel charges: LoRA's frozen base and the layers under
+    frozen_layers (full) or lora_layers (LoRA on the top layer only) get no weight gradient, and nothing below the
+    lowest trained layer gets any gradient."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
     from textclf.bench import FlopModel
     from textclf.config import ModelConfig
-    from textclf.model import build_classifier
+    from textclf.model import base_of, build_classifier
 
-    model, _ = build_classifier(ModelConfig(base_model=tiny_llama, lora_r=4), "lora", ["a", "b"], "{text}", 64)
-    flops = FlopModel.of(model)
-    # Tiny Llama: hidden 64, intermediate 128, 2 layers, 4 heads of 16, full-width k/v.
-    hidden, inter, layers, r = 64, 128, 2, 4
-    base_per_layer = 4 * hidden * hidden + 3 * hidden * inter
-    lora_per_layer = 4 * r * (hidden + hidden) + 3 * r * (hidden + inter)
-    assert flops.frozen_linear == layers * base_per_layer
-    assert flops.trained_linear == layers * lora_per_layer
-    assert (flops.layers, flops.attention_width) == (2, 64)
-    # 10 real tokens of a 16-token batch: weights count real tokens, attention the padded length.
-    per_token = 4 * flops.frozen_linear + 6 * flops.trained_linear + 12 * 2 * 64 * 16
-    assert flops.training_flops(real_tokens=10, padded_tokens=16, sequence_length=16) == 10 * per_token
-
-
-def test_full_mode_counts_every_linear_weight_as_trained(tiny_llama):
-    from textclf.bench import FlopModel
-    from textclf.config import ModelConfig
-    from textclf.model import build_classifier
-
-    model, _ = build_classifier(ModelConfig(base_model=tiny_llama), "full", ["a", "b"], "{text}", 64)
-    flops = FlopModel.of(model)
-    assert flops.frozen_linear == 0
-    assert flops.trained_linear == 2 * (4 * 64 * 64 + 3 * 64 * 128)
+    depth = 2
+    config = (ModelConfig(base_model=tiny_llama, lora_r=4, lora_layers=depth - lower_layers_frozen) if mode == "lora"
+              else ModelConfig(base_model=tiny_llama, frozen_layers=lower_layers_frozen))
+    model, _ = build_classifier(config, mode, ["a", "b"], "{text}", 64)
+    base_of(model.backbone).set_attn_implementation("eager")
+    flop_model = FlopModel.of(model.train())
+    rows, length = 4, 32
+    ids = torch.randint(5, 500, (rows, length))
+    with FlopCounterMode(display=False) as counter:
+        model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=torch.tensor([0, 1] * (rows // 2))).loss.backward()
+    counted = sum(counter.get_flop_counts()["TextClassifier.backbone"].values())  # the head is not counted
+    assert flop_model.training_flops(real_tokens=rows * length, attention_pairs=rows * length**2) == counted
+    assert flop_model.forward_only_layers == lower_layers_frozen
 
 
 @pytest.mark.slow
@@ -54,9 +52,18 @@ def test_bench_compares_settings_side_by_side_and_writes_json(tiny_llama, tmp_pa
     assert baseline["padded_tokens"] == baseline["samples"] * 512
     # Per-batch padding computes far fewer padded tokens than padding to 512 (tiny prompts are ~120 tokens).
     assert textclf["padding_fraction"] < baseline["padding_fraction"] / 2
+    # Each setting's FLOPs are the FlopModel's for the real tokens it trained on (padding is no useful work), and
+    # MFU divides their rate by the matmul rate measured in the same run.
+    from textclf.bench import FlopModel
+
+    flop_model = FlopModel(**report["flop_model"])
+    peak = report["matmul_gflops"]
     for row in report["training"]:
-        assert 0 < row["mfu_vs_best_matmul"] <= row["mfu"] < 1 and row["seconds"] > 0
-    assert 0 < report["matmul_gflops"]["median"] <= report["matmul_gflops"]["best"]
+        assert row["flops"] == pytest.approx(flop_model.training_flops(row["real_tokens"], row["attention_pairs"]))
+        assert row["mfu"] == pytest.approx(row["flops"] / row["seconds"] / 1e9 / peak["median"])
+        assert row["mfu_vs_best_matmul"] == pytest.approx(row["flops"] / row["seconds"] / 1e9 / peak["best"])
+    assert textclf["attention_pairs"] < textclf["real_tokens"] * 512
+    assert 0 < peak["median"] <= peak["best"]
     prediction = report["prediction"]
     assert prediction["rows"] == 40 and prediction["pyfunc_samples_per_second"] > 0
     assert "| textclf: pad per batch, length-grouped batches |" in result.output

@@ -137,12 +137,12 @@ def overconfident(monkeypatch):
 
     original = training.finish_run
 
-    def finish(config, trainer, model, *args, **kwargs):
+    def finish(config, model, *args, **kwargs):
         last = [m for m in model.head.modules() if isinstance(m, nn.Linear)][-1]
         with torch.no_grad():
             last.weight.mul_(OVERCONFIDENCE)
             last.bias.mul_(OVERCONFIDENCE)
-        return original(config, trainer, model, *args, **kwargs)
+        return original(config, model, *args, **kwargs)
 
     monkeypatch.setattr(training, "finish_run", finish)
 
@@ -164,6 +164,7 @@ def saved_model_logits(texts: list[str]) -> np.ndarray:
     return Predictor(model, tokenizer).logits(texts)
 
 
+@pytest.mark.slow
 def test_an_over_confident_model_is_calibrated_and_its_mistakes_are_logged(
         tmp_path, mlflow_store, tiny_dataset, tiny_llama, overconfident):
     run_id = train_run("--data_path", str(tiny_dataset), "--base_model", tiny_llama, *COMMON)
@@ -198,6 +199,7 @@ def test_an_over_confident_model_is_calibrated_and_its_mistakes_are_logged(
     assert {"test/misclassified.json", "test/per_class_metrics.png", "test/reliability_diagram.png"} <= artifacts
 
 
+@pytest.mark.slow
 def test_calibrate_false_keeps_the_plain_softmax(tmp_path, mlflow_store, tiny_dataset, tiny_llama, overconfident):
     run_id = train_run("--data_path", str(tiny_dataset), "--base_model", tiny_llama, *COMMON, "--calibrate", "false")
     run = MlflowClient().get_run(run_id)

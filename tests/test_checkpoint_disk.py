@@ -39,6 +39,7 @@ def finished_run(output: Path):
     return MlflowClient().get_run(record["run_id"])
 
 
+@pytest.mark.slow
 def test_a_lora_checkpoint_holds_the_adapters_and_head_but_no_frozen_base_weight(mlflow_store, tiny_dataset,
                                                                                   tiny_llama):
     result = invoke("--data_path", str(tiny_dataset), "--base_model", tiny_llama, "--max_steps", "2", *TINY)
@@ -51,6 +52,7 @@ def test_a_lora_checkpoint_holds_the_adapters_and_head_but_no_frozen_base_weight
     assert weights.stat().st_size < (Path(tiny_llama) / "model.safetensors").stat().st_size / 5
 
 
+@pytest.mark.slow
 def test_a_lora_run_resumes_from_its_slim_checkpoint_and_ends_on_the_best_one(mlflow_store, tiny_dataset,
                                                                               tiny_llama, monkeypatch):
     from textclf.inference import Predictor
@@ -96,6 +98,7 @@ def test_a_lora_run_resumes_from_its_slim_checkpoint_and_ends_on_the_best_one(ml
     np.testing.assert_allclose(final[["prob_0", "prob_1"]].to_numpy(), probabilities, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_a_finished_run_keeps_checkpoint_weights_but_no_optimizer_state(mlflow_store, tiny_dataset, tiny_llama,
                                                                          caplog):
     caplog.set_level(logging.INFO, logger="textclf.checkpoints")
@@ -144,6 +147,7 @@ def test_a_checkpoint_lacking_a_trained_weight_is_refused_and_a_slim_one_rebuild
         rebuild_from_state(tmp_path, tmp_path / "model.safetensors")
 
 
+@pytest.mark.slow
 def test_the_model_folder_and_checkpoints_say_how_they_were_made_and_older_folders_still_load(mlflow_store, tiny_dataset,
                                                                                                tiny_llama):
     from textclf.config import run_config_from_dict
@@ -161,11 +165,20 @@ def test_the_model_folder_and_checkpoints_say_how_they_were_made_and_older_folde
         assert load_run_config(folder) == logged, folder
         assert run_config_from_dict(load_run_config(folder)).to_dict() == logged
         assert json.loads((folder / SPEC_FILE).read_text())["format_version"] == FORMAT_VERSION
+        assert not (folder / "config.json").exists()  # the name tools read as a Hugging Face model config
         loaded = load_model_source(str(folder))
         expected = Predictor(loaded.model, loaded.tokenizer).logits(texts)
 
+        # As written by format version 2, which named the run's configuration config.json.
+        (folder / RUN_CONFIG_FILE).rename(folder / "config.json")
+        spec = json.loads((folder / SPEC_FILE).read_text())
+        (folder / SPEC_FILE).write_text(json.dumps({**spec, "format_version": 2}))
+        assert load_run_config(folder) == logged
+        version_2 = load_model_source(str(folder))
+        np.testing.assert_allclose(Predictor(version_2.model, version_2.tokenizer).logits(texts), expected, atol=1e-6)
+
         # As written before folders carried their run's config and a format version (version 1).
-        (folder / RUN_CONFIG_FILE).unlink()
+        (folder / "config.json").unlink()
         spec = json.loads((folder / SPEC_FILE).read_text())
         del spec["format_version"]
         (folder / SPEC_FILE).write_text(json.dumps(spec))

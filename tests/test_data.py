@@ -151,6 +151,9 @@ def _write(folder, name, content):
     ("single_class", "single class"),
     ("empty_file", "file is empty"),
     ("unseen_test_labels", "labels not present in the train split: c"),
+    ("latin1_jsonl", "train.jsonl: not UTF-8 text: byte 0xe9 on line 2, column 14"),
+    ("latin1_csv", "train.csv: not UTF-8 text: byte 0xe9 on line 3, column 4"),
+    ("splits_declare_other_names", "declares label names ['y', 'x'], but"),
 ])
 def test_bad_data_is_refused_clearly(tmp_path, case, expected):
     folder = tmp_path / "bad"
@@ -180,6 +183,17 @@ def test_bad_data_is_refused_clearly(tmp_path, case, expected):
         _write(folder, "train.jsonl", "".join(json.dumps({"text": f"t{i}", "label": "a"}) + "\n" for i in range(5)))
     elif case == "empty_file":
         _write(folder, "train.jsonl", "")
+    elif case == "latin1_jsonl":  # a café in Latin-1: byte 0xe9 is no UTF-8
+        folder.mkdir(parents=True)
+        (folder / "train.jsonl").write_bytes('{"text": "ok", "label": "a"}\n{"text": "caf\xe9", "label": "b"}\n'
+                                             .encode("latin-1"))
+    elif case == "latin1_csv":
+        folder.mkdir(parents=True)
+        (folder / "train.csv").write_bytes("text,label\nok,a\ncaf\xe9 noir,b\n".encode("latin-1"))
+    elif case == "splits_declare_other_names":  # label 0 would be x in one file and y in the other
+        folder.mkdir(parents=True)
+        _class_label_parquet(folder / "train.parquet", ["x", "y"], [0, 1] * 5)
+        _class_label_parquet(folder / "validation.parquet", ["y", "x"], [0, 1] * 2)
     elif case == "unseen_test_labels":
         _write(folder, "train.jsonl", "".join(json.dumps(r) + "\n" for r in rows(10, ("a", "b"))))
         _write(folder, "test.jsonl", "".join(json.dumps(r) + "\n" for r in rows(6, ("a", "b", "c"))))
@@ -190,6 +204,24 @@ def test_bad_data_is_refused_clearly(tmp_path, case, expected):
     assert expected in message
     assert str(path) in message  # names the folder or a file inside it
     assert "\n" not in message
+
+
+def _class_label_parquet(path, names, labels):
+    """A Parquet file as the datasets library writes it: integer labels with ClassLabel names in its metadata."""
+    table = pa.table({"text": [f"text {i}" for i in range(len(labels))], "label": labels})
+    meta = {"info": {"features": {"text": {"dtype": "string", "_type": "Value"},
+                                  "label": {"_type": "ClassLabel", "names": list(names)}}}}
+    pq.write_table(table.replace_schema_metadata({"huggingface": json.dumps(meta)}), path)
+
+
+def test_a_test_file_declaring_its_own_label_order_is_mapped_by_name(tmp_path):
+    # The model says ["neg", "pos"]; the file stores pos as 0 and neg as 1 and says so.
+    _class_label_parquet(tmp_path / "test.parquet", ["pos", "neg"], [0, 1, 1, 0])
+    test = load_test_split(tmp_path / "test.parquet", ["neg", "pos"])
+    assert test["label"].tolist() == [1, 0, 0, 1]
+    _class_label_parquet(tmp_path / "other.parquet", ["pos", "meh"], [0, 1])
+    with pytest.raises(TextclfError, match="declares label names unknown to the 2 label names .*: meh"):
+        load_test_split(tmp_path / "other.parquet", ["neg", "pos"])
 
 
 # --- label names declared by metadata, chosen columns, tiny stratified splits ----------------------

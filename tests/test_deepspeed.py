@@ -14,7 +14,7 @@ import pytest
 from click.testing import CliRunner
 from mlflow import MlflowClient
 
-from conftest import REPO
+from conftest import REPO, tracking_store, write_tiny_dataset
 from test_mlproject import mlflow_env
 
 pytestmark = pytest.mark.slow
@@ -38,14 +38,49 @@ def children_left(tmp_path) -> list[str]:
     return [line for line in listing.splitlines() if "entrypoints.train_deepspeed" in line and str(tmp_path) in line]
 
 
-def test_two_process_zero3_run_is_one_finished_run_with_a_consolidated_model(tmp_path, mlflow_store, tiny_dataset, tiny_llama):
-    done = run_deepspeed(tmp_path, tiny_dataset, tiny_llama)
+# Evaluated every step, saved every second, with scripted validation scores: step 3 scores best but is not saved, so
+# the run must select step 4 (0.8) over step 2 (0.6).
+SELECTION = ["--eval_steps", "1", "--save_steps", "2"]
+SCRIPTED = {"TEXTCLF_TEST_SCRIPTED_F1": "0.5,0.6,0.9,0.8"}
+
+
+@pytest.fixture(scope="module")
+def two_process_run(tmp_path_factory, tiny_llama):
+    """One two-process ZeRO-3 run in a store of its own, made once: its test checks it, and the two-node test
+    compares its consolidated weights with theirs. Rank 0's finishing work (test, logging) is slowed down, and each
+    rank records when it exits: rank 1 must not wait for rank 0."""
+    folder = tmp_path_factory.mktemp("zero3")
+    (folder / "exits").mkdir()
+    with tracking_store(folder):
+        dataset = write_tiny_dataset(folder)
+        done = run_deepspeed(folder, dataset, tiny_llama, *SELECTION,
+                             env_extra={**SCRIPTED, "TEXTCLF_TEST_RANK0_FINISH_DELAY": "5",
+                                        "TEXTCLF_TEST_EXIT_LOG": str(folder / "exits")})
+    return folder, dataset, done
+
+
+@pytest.fixture
+def two_process_store(two_process_run):
+    """That run's folder as the working folder and store of a test."""
+    with tracking_store(two_process_run[0]):
+        yield two_process_run
+
+
+def test_two_process_zero3_run_is_one_finished_run_with_a_consolidated_model(two_process_store, tiny_llama):
+    tmp_path, tiny_dataset, done = two_process_store
+    exits = tmp_path / "exits"
     assert done.returncode == 0, done.stderr[-4000:]
     runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
     assert len(runs) == 1  # only rank 0 talks to MLflow
     run = runs[0]
     client = MlflowClient()
     assert run.info.status == "FINISHED"
+    assert run.data.metrics["best/step"] == 4 and run.data.metrics["best/f1_macro"] == pytest.approx(0.8)
+    # Throughput counts both ranks' rows (4 steps of 8 rows each) over the time spent in training steps.
+    metrics = run.data.metrics
+    assert metrics["train/samples_per_second"] * metrics["train/step_seconds"] == pytest.approx(2 * 4 * 8)
+    registered = client.get_model_version("textclf-tinysent", "1").creation_timestamp / 1000
+    assert float((exits / "rank-1").read_text()) < registered - 3  # gone before rank 0 finished, not waiting on it
     assert run.data.params["deepspeed.world_size"] == "2" and run.data.tags["deepspeed"] == "zero3"
     assert len(client.get_metric_history(run.info.run_id, "train/loss")) >= 3
     config = json.loads(Path(client.download_artifacts(run.info.run_id, "deepspeed_config.json", str(tmp_path))).read_text())
@@ -96,7 +131,7 @@ def test_two_process_zero3_run_is_one_finished_run_with_a_consolidated_model(tmp
 
     # the same command again: recognised before any process starts; nothing trained, logged or registered
     runs_before = len(mlflow.search_runs(search_all_experiments=True, output_format="list"))  # + 2 evaluations
-    again = run_deepspeed(tmp_path, tiny_dataset, tiny_llama)
+    again = run_deepspeed(tmp_path, tiny_dataset, tiny_llama, *SELECTION)
     assert again.returncode == 0 and "already finished" in again.stdout, again.stderr[-3000:]
     assert "torch.distributed.run" not in again.stderr
     assert len(mlflow.search_runs(search_all_experiments=True, output_format="list")) == runs_before
@@ -117,9 +152,9 @@ def test_deepspeed_refuses_a_folder_trained_without_it_in_one_line(tmp_path, mlf
 
 
 def test_one_process_deepspeed_trains_the_recipe_train_trains(tmp_path, mlflow_store, tiny_dataset, tiny_llama):
-    """Same data, seed and parameters (head learning rate and head-input calibration included): ZeRO-3 on one
+    """Same data, seed and parameters (head learning rate and head-input standardization included): ZeRO-3 on one
     process must give the metrics `train` gives, or its logged params would describe another recipe."""
-    recipe = ["--head_learning_rate", "2e-2", "--calibration_samples", "16", "--seed", "0"]
+    recipe = ["--head_learning_rate", "2e-2", "--standardization_samples", "16", "--seed", "0"]
     done = run_deepspeed(tmp_path, tiny_dataset, tiny_llama, *recipe, "--run_name", "zero3", num_procs="1")
     assert done.returncode == 0, done.stderr[-4000:]
     env = mlflow_env(os.environ["MLFLOW_TRACKING_URI"])
@@ -130,7 +165,7 @@ def test_one_process_deepspeed_trains_the_recipe_train_trains(tmp_path, mlflow_s
     assert plain.returncode == 0, plain.stderr[-4000:]
     runs = {r.info.run_name: r for r in mlflow.search_runs(search_all_experiments=True, output_format="list")}
     zero3, trained = runs["zero3"].data, runs["plain"].data
-    for name in ("training.head_learning_rate", "model.calibration_samples"):
+    for name in ("training.head_learning_rate", "model.standardization_samples"):
         assert zero3.params[name] == trained.params[name]
     client = MlflowClient()
     losses = {name: [m.value for m in sorted(client.get_metric_history(runs[name].info.run_id, "train/loss"),
@@ -138,6 +173,28 @@ def test_one_process_deepspeed_trains_the_recipe_train_trains(tmp_path, mlflow_s
     assert losses["zero3"] == pytest.approx(losses["plain"], rel=1e-3, abs=1e-4)
     for metric in ("best/loss", "best/accuracy", "test/accuracy", "test/f1_macro"):
         assert zero3.metrics[metric] == pytest.approx(trained.metrics[metric], abs=1e-3), metric
+
+
+def test_a_users_deepspeed_config_with_cpu_offload_trains_and_is_logged(tmp_path, mlflow_store, tiny_dataset, tiny_llama):
+    """-P deepspeed_config=FILE replaces the built config whole; with optimizer and parameters offloaded to the CPU
+    (what -P offload=cpu builds), training runs on DeepSpeed's CPU Adam with the head's own learning rate."""
+    from textclf.deepspeed import build_deepspeed_config
+
+    built = build_deepspeed_config("fp32", offload="cpu")
+    assert built["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    assert built["zero_optimization"]["offload_param"]["device"] == "cpu"
+    user = {**built, "steps_per_print": 1000, "wall_clock_breakdown": False}
+    path = tmp_path / "my_ds.json"
+    path.write_text(json.dumps(user))
+    assert build_deepspeed_config("fp32", offload="none", user_file=str(path)) == user
+    done = run_deepspeed(tmp_path, tiny_dataset, tiny_llama, "--deepspeed_config", str(path),
+                         "--head_learning_rate", "2e-2", num_procs="1")
+    assert done.returncode == 0, done.stderr[-4000:]  # DeepSpeed refuses ZeRO-Offload with a torch optimizer
+    [run] = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    assert run.info.status == "FINISHED" and "test/accuracy" in run.data.metrics
+    logged = json.loads(Path(MlflowClient().download_artifacts(run.info.run_id, "deepspeed_config.json",
+                                                                str(tmp_path))).read_text())
+    assert logged == user
 
 
 def test_a_failing_rank_fails_the_run_and_leaves_no_process(tmp_path, mlflow_store, tiny_dataset, tiny_llama):
@@ -149,36 +206,52 @@ def test_a_failing_rank_fails_the_run_and_leaves_no_process(tmp_path, mlflow_sto
     assert children_left(tmp_path) == []
 
 
-def test_fp16_on_cpu_is_refused_before_launch(tmp_path, mlflow_store, tiny_dataset, tiny_llama):
-    done = run_deepspeed(tmp_path, tiny_dataset, tiny_llama, "--precision", "fp16")
-    assert done.returncode == 2 and "fp16 needs a CUDA GPU" in done.stderr
+def refused_before_launch(tmp_path, tiny_dataset, tiny_llama, *extra) -> str:
+    """The launcher's refusal, run in process: it must come before torchrun (and any rank) starts, and leave no run."""
+    from entrypoints.train_deepspeed import train_deepspeed
+
+    result = CliRunner().invoke(train_deepspeed, ["--num_procs", "2", "--data_path", str(tiny_dataset), "--base_model",
+                                                  tiny_llama, "--output_dir", str(tmp_path / "outputs"), *ARGS, *extra])
+    assert result.exit_code == 2, result.output
     assert mlflow.search_runs(search_all_experiments=True, output_format="list") == []
+    assert children_left(tmp_path) == []
+    return result.output
 
 
-def test_two_nodes_train_like_one_node_with_two_processes(tmp_path, mlflow_store, tiny_dataset, tiny_llama):
+def test_fp16_on_cpu_is_refused_before_launch(tmp_path, mlflow_store, tiny_dataset, tiny_llama):
+    assert "fp16 needs a CUDA GPU" in refused_before_launch(tmp_path, tiny_dataset, tiny_llama, "--precision", "fp16")
+
+
+def test_several_nodes_need_a_master_port(tmp_path, mlflow_store, tiny_dataset, tiny_llama):
+    output = refused_before_launch(tmp_path, tiny_dataset, tiny_llama, "--num_nodes", "2")
+    assert "master_port is required with num_nodes > 1" in output
+
+
+def test_two_nodes_train_like_one_node_with_two_processes(tmp_path, mlflow_store, tiny_llama, two_process_run):
     """Two launchers on one host, each its own node of one process, meet through torchrun's rendezvous on
-    loopback: one MLflow run (global rank 0), and the consolidated weights of a one-node, two-process run."""
+    loopback: one MLflow run (global rank 0), and the consolidated weights of the one-node, two-process run with
+    the same parameters, data and scripted scores."""
     from safetensors.torch import load_file
 
     from textclf.deepspeed import free_port
 
-    one_node = run_deepspeed(tmp_path, tiny_dataset, tiny_llama, "--run_name", "one-node")
-    assert one_node.returncode == 0, one_node.stderr[-3000:]
+    one_node, dataset, _ = two_process_run
     env = mlflow_env(os.environ["MLFLOW_TRACKING_URI"])
-    env["PYTHONPATH"] = str(REPO)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(REPO / "tests" / "helpers")])
+    env.update(SCRIPTED)
     port = str(free_port())
     launchers = [subprocess.Popen(
         [sys.executable, "-m", "entrypoints.train_deepspeed", "--num_procs", "1", "--num_nodes", "2", "--node_rank",
-         str(rank), "--master_addr", "127.0.0.1", "--master_port", port, "--data_path", str(tiny_dataset),
-         "--base_model", tiny_llama, "--output_dir", str(tmp_path / "outputs"), "--run_name", "two-nodes", *ARGS],
+         str(rank), "--master_addr", "127.0.0.1", "--master_port", port, "--data_path", str(dataset),
+         "--base_model", tiny_llama, "--output_dir", str(tmp_path / "outputs"), "--run_name", "two-nodes", *ARGS,
+         *SELECTION],
         cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
     outputs = [launcher.communicate(timeout=900)[0] for launcher in launchers]
     assert [launcher.returncode for launcher in launchers] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
-    runs = {r.info.run_name: r for r in mlflow.search_runs(search_all_experiments=True, output_format="list")}
-    assert sorted(runs) == ["one-node", "two-nodes"]  # node 1 logged nothing
-    assert runs["two-nodes"].data.params["deepspeed.world_size"] == "2"
-    assert runs["two-nodes"].info.status == "FINISHED"
-    a = load_file(str(tmp_path / "outputs/one-node/consolidated/model.safetensors"))
+    [run] = mlflow.search_runs(search_all_experiments=True, output_format="list")  # node 1 logged nothing
+    assert run.info.run_name == "two-nodes" and run.info.status == "FINISHED"
+    assert run.data.params["deepspeed.world_size"] == "2"
+    a = load_file(str(one_node / "outputs/tinysent-lora-seed42/consolidated/model.safetensors"))
     b = load_file(str(tmp_path / "outputs/two-nodes/consolidated/model.safetensors"))
     assert a.keys() == b.keys()
     for key in a:
@@ -189,12 +262,6 @@ def torch_allclose(x, y) -> bool:
     import torch
 
     return bool(torch.allclose(x.float(), y.float(), atol=1e-6))
-
-
-def test_several_nodes_need_a_master_port(tmp_path, mlflow_store, tiny_dataset, tiny_llama):
-    done = run_deepspeed(tmp_path, tiny_dataset, tiny_llama, "--num_nodes", "2")
-    assert done.returncode == 2 and "master_port is required with num_nodes > 1" in done.stderr
-    assert mlflow.search_runs(search_all_experiments=True, output_format="list") == []
 
 
 def test_sigterm_to_the_launcher_stops_every_rank_and_ends_the_run_killed(tmp_path, mlflow_store, tiny_dataset, tiny_llama):

@@ -9,8 +9,9 @@ from textclf.config import MINILM_BASE_MODEL, build_config
 REPO = Path(__file__).resolve().parent.parent
 
 
-def demo_parameters() -> dict[str, str]:
-    printed = subprocess.run(["make", "-n", "-s", "train"], cwd=REPO, capture_output=True, text=True, check=True).stdout
+def demo_parameters(*make_args: str) -> dict[str, str]:
+    printed = subprocess.run(["make", "-n", "-s", "train", *make_args], cwd=REPO, capture_output=True, text=True,
+                             check=True).stdout
     [command] = [line for line in printed.splitlines() if line.startswith("mlflow run")]
     words = shlex.split(command)
     return dict(words[i + 1].split("=", 1) for i, word in enumerate(words) if word == "-P")
@@ -30,8 +31,12 @@ def test_the_demo_trains_minilm_on_all_of_sst2_and_tests_on_the_full_split():
     assert 0 < config.training.max_train_minutes <= 4  # leaves room for loading, testing and logging in 5 min
 
 
-def test_the_demo_trains_two_epochs_only_where_bf16_makes_them_fit():
+def test_the_demo_trains_two_epochs_only_where_bf16_makes_them_fit(tmp_path):
+    """The Makefile reads the CPU's flags (CPUINFO, /proc/cpuinfo by default) as textclf's precision=auto does."""
     from textclf.trainer_setup import cpu_has_fast_bf16
 
-    arguments = dict(demo_parameters())
-    assert float(arguments["epochs"]) == (2 if cpu_has_fast_bf16() else 1)
+    for flags, bf16 in (("fpu avx2 fma", False), ("avx2 avx512f avx512_bf16", True), ("avx2 amx_bf16 amx_tile", True)):
+        cpuinfo = tmp_path / "cpuinfo"
+        cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
+        assert cpu_has_fast_bf16(cpuinfo) is bf16
+        assert float(demo_parameters(f"CPUINFO={cpuinfo}")["epochs"]) == (2 if bf16 else 1)

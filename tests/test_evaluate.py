@@ -51,6 +51,7 @@ def assert_same_test_metrics(run, expected: dict[str, float]) -> None:
         assert run.data.metrics[name] == pytest.approx(expected[name], abs=1e-9), name
 
 
+@pytest.mark.slow
 def test_saved_model_folder_and_best_checkpoint_reproduce_the_training_test_metrics(
         mlflow_store, tiny_dataset, tiny_llama):
     train_id = run_train("--data_path", str(tiny_dataset), "--base_model", tiny_llama, *FAST, "--register", "false")
@@ -71,6 +72,7 @@ def test_saved_model_folder_and_best_checkpoint_reproduce_the_training_test_metr
     assert_same_test_metrics(checkpoint_run, expected)
 
 
+@pytest.mark.slow
 def test_single_file_is_filed_under_its_dataset_experiment(tmp_path, mlflow_store, tiny_dataset, tiny_llama):
     run_train("--data_path", str(tiny_dataset), "--base_model", tiny_llama, *FAST, "--register", "false")
     rows = sentiment_rows(16, 2000)
@@ -84,6 +86,7 @@ def test_single_file_is_filed_under_its_dataset_experiment(tmp_path, mlflow_stor
         assert run.info.run_name == "tinysent-evaluate"
 
 
+@pytest.mark.slow
 def test_a_model_that_knows_its_dataset_files_the_run_under_that_dataset(tmp_path, mlflow_store, tiny_dataset,
                                                                          tiny_llama):
     train_id = run_train("--data_path", str(tiny_dataset), "--base_model", tiny_llama, *FAST)
@@ -94,6 +97,7 @@ def test_a_model_that_knows_its_dataset_files_the_run_under_that_dataset(tmp_pat
         assert run.data.tags["dataset"] == "tinysent"
 
 
+@pytest.mark.slow
 def test_text_and_label_columns_can_be_named(tmp_path, mlflow_store, tiny_dataset, tiny_llama):
     train_id = run_train("--data_path", str(tiny_dataset), "--base_model", tiny_llama, *FAST, "--register", "false")
     expected = MlflowClient().get_run(train_id).data.metrics

@@ -47,7 +47,7 @@ def assert_complete_cpu_report(report: dict) -> None:
     assert correctness["train_lora"]["train_loss"] and correctness["train_full"]["resolved_precision"] == "bf16"
     auto = correctness["precision_auto"]
     assert auto["status"] == "ok" and auto["resolved"] == auto["expected"] == correctness["train_lora"]["resolved_precision"]
-    assert correctness["pyfunc"]["status"] == "ok" and correctness["pyfunc"]["loaded_on"] == "cpu"
+    assert correctness["pyfunc"]["status"] == "ok" and correctness["pyfunc"]["cpu_copy_loaded_on"] == "cpu"
     assert correctness["pyfunc"]["gpu"] == SKIPPED_NO_CUDA
     fp16 = correctness["fp16"]
     assert fp16["status"] == "ok" and fp16["outcome"] == "refused" and fp16["exit_code"] == 2

@@ -89,9 +89,10 @@ def test_a_saved_model_is_no_base_model_and_a_newer_folder_format_is_refused(tmp
         load_classifier(tmp_path / "model")
 
 
-@pytest.mark.parametrize("mode", ["lora", "full"])
-def test_save_load_round_trip_and_merged_equals_adapter(tmp_path, tiny_llama, mode):
-    model, tokenizer = make(tiny_llama, mode=mode)
+@pytest.mark.parametrize("mode, overrides", [("lora", {}), ("lora", {"lora_layers": 1}), ("full", {})],
+                         ids=["lora", "lora-top-layer", "full"])
+def test_save_load_round_trip_and_merged_equals_adapter(tmp_path, tiny_llama, mode, overrides):
+    model, tokenizer = make(tiny_llama, mode=mode, **overrides)
     if mode == "lora":  # make the adapter matter: LoRA's B starts at zero
         with torch.no_grad():
             for name, param in model.backbone.named_parameters():
@@ -107,6 +108,8 @@ def test_save_load_round_trip_and_merged_equals_adapter(tmp_path, tiny_llama, mo
     assert loaded.config.id2label == {0: "Negative", 1: "Positive"}
     if mode == "lora":
         assert (tmp_path / "model" / "adapter" / "adapter_config.json").exists()
+    if overrides.get("lora_layers"):  # the adapters of the top layer only, recorded with the model
+        assert loaded.spec.lora["layers_to_transform"] == [1]
 
 
 def test_truncation_cuts_the_text_not_the_template(tiny_llama):

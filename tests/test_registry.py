@@ -35,7 +35,7 @@ def add_version(mlflow_store, tmp_path):
     data_dir.mkdir()
     model_uri = {}
 
-    def add(seed: int, metric_for_best: str = "f1_macro", **best: float) -> str:
+    def add(seed: int, metric_for_best: str = "f1_macro", data: dict[str, str] | None = None, **best: float) -> str:
         values = {"accuracy": 0.5, "f1_macro": 0.5, "precision_macro": 0.5, "recall_macro": 0.5, "loss": 0.7,
                   "step": 4, **best}
         config = build_config(mode="lora", data_path=str(data_dir), seed=seed, metric_for_best=metric_for_best)
@@ -43,8 +43,10 @@ def add_version(mlflow_store, tmp_path):
             if not model_uri:  # one logged model serves every version: logging is the slow part
                 model_uri["uri"] = mlflow.pyfunc.log_model(name="model", python_model=Echo(),
                                                            pip_requirements=["mlflow"]).model_uri
+        data = data if data is not None else {"dataset_digest": "d1", "validation_digest": "v872",
+                                              "validation_rows": "872"}
         return register_run_model(run.info.run_id, model_uri["uri"], config, values,
-                                  {"accuracy": 0.9, "f1_macro": 0.9})
+                                  {"accuracy": 0.9, "f1_macro": 0.9}, data)
 
     return add
 
@@ -148,6 +150,35 @@ def test_versions_without_the_tag_are_named_in_the_result(add_version):
     result = promote("tinysent")
     assert result.version == "1" and result.skipped == ["2"]
     assert "version 2" in result.reason and "validation_f1_macro" in result.reason
+
+
+ON_300_ROWS = {"dataset_digest": "d1", "validation_digest": "v300", "validation_rows": "300"}
+
+
+def test_versions_validated_on_other_rows_are_not_ranked_together(add_version):
+    add_version(0, f1_macro=0.8)
+    add_version(1, f1_macro=0.95, data=ON_300_ROWS)  # a higher score, on a 300-row sample of validation
+    add_version(2, f1_macro=0.85)
+    with pytest.raises(TextclfError) as refused:
+        promote("tinysent")
+    message = str(refused.value)
+    assert "validated on different rows" in message and "\n" not in message
+    assert "versions 1, 3 on 872 rows (digest v872)" in message and "version 2 on 300 rows (digest v300)" in message
+    with pytest.raises(mlflow.exceptions.MlflowException):
+        MlflowClient().get_model_version_by_alias(NAME, "champion")  # nothing was promoted
+    chosen = promote("tinysent", validation_digest="v87")
+    assert chosen.version == "3" and "among 2 versions validated on 872 rows (digest v872)" in chosen.reason
+    assert promote("tinysent", validation_digest="v300").version == "2"
+    cli = CliRunner().invoke(promote_cli, ["--dataset", "tinysent", "--validation_digest", "nope"])
+    assert cli.exit_code == 2 and "no group's digest starts with 'nope'" in cli.output
+
+
+def test_a_version_of_another_dataset_with_the_same_name_is_refused(add_version):
+    add_version(0)
+    other = {"dataset_digest": "d2", "validation_digest": "v872", "validation_rows": "872"}
+    with pytest.raises(TextclfError, match=r"holds versions 1 of dataset d1, and this data is dataset d2"):
+        add_version(1, data=other)
+    assert len(MlflowClient().search_model_versions(f"name = '{NAME}'")) == 1
 
 
 def _closed_port() -> int:

@@ -31,6 +31,7 @@ def invoke(*args):
     return CliRunner().invoke(train, list(args))
 
 
+@pytest.mark.slow
 def test_exception_in_training_ends_run_failed_with_error(mlflow_store, tiny_dataset, tiny_llama, monkeypatch):
     from transformers import Trainer
 
@@ -45,6 +46,24 @@ def test_exception_in_training_ends_run_failed_with_error(mlflow_store, tiny_dat
     assert "disk on fire" in run.data.tags["error"]
 
 
+@pytest.mark.slow
+def test_a_failure_setting_the_first_tags_ends_the_run_failed(mlflow_store, tiny_dataset, tiny_llama, monkeypatch):
+    real = mlflow.set_tags
+    calls = []
+
+    def fail_first(tags):
+        calls.append(tags)
+        if len(calls) == 1:
+            raise mlflow.exceptions.MlflowException("the store refused the tags (injected)")
+        return real(tags)
+
+    monkeypatch.setattr(mlflow, "set_tags", fail_first)
+    result = invoke("--data_path", str(tiny_dataset), "--base_model", tiny_llama, "--max_steps", "2", *TINY)
+    assert result.exit_code != 0 and calls
+    assert statuses() == ["FAILED"]
+
+
+@pytest.mark.slow
 def test_nan_loss_stops_the_run_failed_naming_the_step(mlflow_store, tiny_dataset, tiny_llama, monkeypatch):
     from textclf.model import TextClassifier
 
@@ -140,12 +159,14 @@ def test_bad_data_refused_before_any_run(tmp_path, mlflow_store, tiny_llama, cas
     (["--warmup_ratio", "-0.1"], "warmup_ratio must be in [0, 1)"),
     (["--head_dropout", "1"], "head_dropout must be in [0, 1), got 1.0"),
     (["--lora_dropout", "-0.5"], "lora_dropout must be in [0, 1), got -0.5"),
-    (["--calibration_samples", "-1"], "calibration_samples must be >= 0"),
+    (["--standardization_samples", "-1"], "standardization_samples must be >= 0"),
     (["--learning_rate", "0"], "learning_rate must be positive, got 0.0"),
     (["--head_learning_rate", "-1e-3"], "head_learning_rate must be positive"),
     (["--eval_steps", "0", "--save_steps", "2"], "eval_steps must be a positive integer, got 0"),
     (["--weight_decay", "-1"], "weight_decay must be >= 0"),
     (["--lora_r", "0"], "lora_r must be a positive integer"),
+    (["--mode", "full", "--lora_layers", "1"], "lora_layers applies to mode=lora"),
+    (["--lora_layers", "3"], "lora_layers=3: the model has 2 transformer layers"),
 ])
 def test_bad_parameters_refused_clearly(mlflow_store, tiny_dataset, tiny_llama, args, expected):
     defaults = {"--base_model": tiny_llama}
@@ -179,6 +200,7 @@ def test_sweep_refuses_a_single_seed_before_any_run(mlflow_store, tiny_dataset):
     assert statuses() == []
 
 
+@pytest.mark.slow
 def test_existing_checkpoints_are_not_overwritten_without_resume(mlflow_store, tiny_dataset, tiny_llama):
     args = ["--data_path", str(tiny_dataset), "--base_model", tiny_llama, "--max_steps", "2", "--eval_steps", "2",
             "--save_steps", "2", *TINY]

@@ -17,7 +17,7 @@ import pytest
 from click.testing import CliRunner
 from mlflow import MlflowClient
 
-from conftest import REPO
+from conftest import REPO, copy_of_store, tracking_store, write_tiny_dataset
 from entrypoints.sweep import sweep
 from entrypoints.train import train
 from test_mlproject import mlflow_env
@@ -35,15 +35,27 @@ def invoke(command, *args):
     return CliRunner().invoke(command, list(args))
 
 
+@pytest.fixture(scope="module")
+def trained_store(tmp_path_factory, tiny_llama) -> tuple[Path, list[str]]:
+    """A store and folder holding one finished, registered run of 4 steps in outputs/tinysent-lora-seed42, trained
+    once for this module; and the arguments that trained it."""
+    folder = tmp_path_factory.mktemp("trained")
+    with tracking_store(folder):
+        args = ["--data_path", str(write_tiny_dataset(folder)), "--base_model", tiny_llama, "--max_steps", "4", *TINY]
+        first = invoke(train, *args)
+        assert first.exit_code == 0, first.output
+    return folder, args
+
+
 @pytest.fixture
-def trained(mlflow_store, tiny_dataset, tiny_llama):
-    """One finished, registered run of 4 steps in outputs/tinysent-lora-seed42."""
-    args = ["--data_path", str(tiny_dataset), "--base_model", tiny_llama, "--max_steps", "4", *TINY]
-    first = invoke(train, *args)
-    assert first.exit_code == 0, first.output
-    return args
+def trained(trained_store, tmp_path):
+    """A test's own copy of that store and folder (tests change them): its working folder; the run's arguments."""
+    source, args = trained_store
+    with tracking_store(copy_of_store(source, tmp_path / "copy")):
+        yield args
 
 
+@pytest.mark.slow
 def test_rerunning_a_finished_run_trains_logs_and_registers_nothing(trained):
     runs_before = all_runs()
     again = invoke(train, *trained)
@@ -54,21 +66,25 @@ def test_rerunning_a_finished_run_trains_logs_and_registers_nothing(trained):
     assert [str(v.version) for v in MlflowClient().search_model_versions("name = 'textclf-tinysent'")] == ["1"]
 
 
+@pytest.mark.slow
 def test_a_finished_folder_refuses_other_parameters_naming_them(trained):
-    result = invoke(train, *trained, "--max_steps", "6", "--calibration_samples", "8")
+    result = invoke(train, *trained, "--max_steps", "6", "--standardization_samples", "8")
     assert result.exit_code == 2, result.output
     error = [line for line in result.output.splitlines() if line.startswith("error:")]
     assert len(error) == 1
-    assert "training.max_steps: 4 -> 6" in error[0] and "model.calibration_samples: 128 -> 8" in error[0]
+    assert "training.max_steps: 4 -> 6" in error[0] and "model.standardization_samples: 128 -> 8" in error[0]
     assert len(all_runs()) == 1
 
 
+@pytest.mark.slow
 def test_a_folder_written_before_a_parameter_existed_is_recognised_while_it_is_at_its_default(trained):
     """A later textclf adds parameters: an older folder's recipe lacks them, and the code that wrote it behaved
     as their defaults do. Rerunning is still recognised; asking for another value is refused, naming it."""
     record_file = Path("outputs/tinysent-lora-seed42/finished_run.json")
     record = json.loads(record_file.read_text())
     del record["recipe"]["training.early_stopping_patience"]
+    # and under a parameter's former name (renamed standardization_samples since)
+    record["recipe"]["model.calibration_samples"] = record["recipe"].pop("model.standardization_samples")
     record_file.write_text(json.dumps(record))
     again = invoke(train, *trained)
     assert again.exit_code == 0 and "already finished" in again.output, again.output
@@ -77,6 +93,7 @@ def test_a_folder_written_before_a_parameter_existed_is_recognised_while_it_is_a
     assert len(all_runs()) == 1
 
 
+@pytest.mark.slow
 def test_a_checkpoint_resumes_only_into_its_recipe_and_never_past_max_steps(trained, tiny_llama, tmp_path):
     folder = Path("outputs/tinysent-lora-seed42")
     (folder / "finished_run.json").unlink()  # as if the process had died right after its last checkpoint
@@ -101,6 +118,7 @@ def test_a_checkpoint_resumes_only_into_its_recipe_and_never_past_max_steps(trai
     assert state["global_step"] == 4
 
 
+@pytest.mark.slow
 def test_a_finished_runs_earlier_checkpoint_is_not_resumed_without_its_optimizer(trained):
     """A finished run drops its checkpoints' optimizer state; if its record is deleted and the last checkpoint
     with it, continuing from an earlier one would silently restart the optimizer and warm-up: refused."""
@@ -115,6 +133,7 @@ def test_a_finished_runs_earlier_checkpoint_is_not_resumed_without_its_optimizer
     assert len(all_runs()) == 1
 
 
+@pytest.mark.slow
 def test_sweep_children_have_their_own_folders_and_a_rerun_sweep_does_nothing(mlflow_store, tiny_dataset, tiny_llama):
     args = ["--data_path", str(tiny_dataset), "--base_model", tiny_llama, "--max_steps", "2", *TINY]
     swept = invoke(sweep, "--seeds", "0,42", *args)
@@ -197,3 +216,21 @@ def test_ranks_probing_one_output_folder_at_once_never_see_it_unwritable(tmp_pat
     with multiprocessing.get_context("spawn").Pool(4) as pool:
         assert pool.map(_probe_many, [str(tmp_path / "out")] * 4) == [0, 0, 0, 0]
     assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_two_prompts_that_differ_past_the_param_limit_are_two_recipes(tmp_path):
+    """MLflow params are cut at 500 characters; a recipe compares whole values, so a long prompt changed near its end
+    is another recipe: the folder of one is not recognised as the other's, nor resumed into it."""
+    from textclf.checkpoints import plan_output_dir, recipe, record_finished
+    from textclf.config import build_config, flatten
+    from textclf.errors import TextclfError
+
+    preamble = "Read the following review carefully. " * 20  # 760 characters
+    first, second = (build_config("lora", data_path=str(tmp_path), prompt_template=preamble + "{text} " + ending)
+                     for ending in ("Sentiment:", "Label:"))
+    assert flatten(first)["data.prompt_template"] == flatten(second)["data.prompt_template"]  # as MLflow shows them
+    record_finished(tmp_path, recipe(first), run_id="r1")
+    assert plan_output_dir(tmp_path, True, recipe(first)).finished["run_id"] == "r1"
+    with pytest.raises(TextclfError, match="data.prompt_template"):
+        plan_output_dir(tmp_path, True, recipe(second))
+

@@ -31,7 +31,7 @@ from textclf.server_errors import redact, refusal_error
 
 TINY = ["--logging_steps", "1", "--batch_size", "8", "--eval_batch_size", "16", "--max_length", "128",
         "--precision", "fp32", "--mode", "lora", "--learning_rate", "5e-3", "--eval_steps", "2", "--save_steps", "2",
-        "--max_steps", "4", "--calibration_samples", "16"]
+        "--max_steps", "4", "--standardization_samples", "16"]
 EXPERIMENT = MODEL = "textclf-tinysent"
 PASSWORDS = {"admin": "admin-secret-pw-0001", "alice": "alice-secret-pw-0002", "bob": "bob-secret-pw-00003"}
 

@@ -134,3 +134,21 @@ def test_a_batch_size_below_one_is_refused(pyfunc):
 
     with pytest.raises(MlflowException, match="batch_size must be at least 1, got 0"):
         pyfunc.predict(["a gem"], params={"batch_size": 0})
+
+
+def test_models_load_where_they_predict_and_a_forced_cpu_copy_stays_on_the_cpu(model_uri, tmp_path, monkeypatch):
+    """The device a loaded model predicts on comes from one place (textclf.serving.serving_device): the pyfunc model,
+    and `evaluate`/`predict` given a saved folder, go there; a copy loaded with the CPU forced (what the GPU check
+    compares the GPU with) stays on the CPU. PyTorch's meta device stands in for the GPU this machine lacks."""
+    from textclf.model_sources import load_model_source
+    from textclf.serving import forced_device
+
+    monkeypatch.setenv("TEXTCLF_DEVICE", "meta")
+    default = mlflow.pyfunc.load_model(model_uri).unwrap_python_model().predictor
+    assert str(default.device) == "meta"
+    assert str(next(load_model_source(str(tmp_path / "classifier")).model.parameters()).device) == "meta"
+    with forced_device("cpu"):
+        forced = mlflow.pyfunc.load_model(model_uri).unwrap_python_model().predictor
+    assert str(forced.device) == "cpu"
+    assert forced.predict_proba(TEXTS).shape == (len(TEXTS), 2)
+    assert str(mlflow.pyfunc.load_model(model_uri).unwrap_python_model().predictor.device) == "meta"  # restored

@@ -26,7 +26,11 @@ def run_train(*args: str) -> str:
     return runs[0].info.run_id
 
 
-@pytest.mark.parametrize("base, mode", [("tiny_llama", "lora"), ("tiny_llama", "full"), ("minilm", "lora"), ("minilm", "full")])
+# One run per base-model family, in the mode each is used in most: LoRA on a decoder (the default), full fine-tuning
+# of an encoder (the demo). Full fine-tuning of a decoder trains in test_tiny_llama_learns_the_easy_task; what LoRA on
+# an encoder changes (its targets, pooling, saving and merging) is checked without training in tests/test_model.py.
+@pytest.mark.slow
+@pytest.mark.parametrize("base, mode", [("tiny_llama", "lora"), ("minilm", "full")])
 def test_train_tracks_everything_and_logs_a_self_contained_model(request, tmp_path, mlflow_store, tiny_dataset, base, mode):
     base_copy = shutil.copytree(request.getfixturevalue(base), tmp_path / "base")
     lr = "5e-3" if mode == "lora" else "1e-3"
@@ -77,6 +81,7 @@ def test_train_tracks_everything_and_logs_a_self_contained_model(request, tmp_pa
     assert float(version.tags["validation_f1_macro"]) == pytest.approx(run.data.metrics["best/f1_macro"])
 
 
+@pytest.mark.slow
 def test_tiny_llama_learns_the_easy_task(mlflow_store, tiny_dataset, tiny_llama):
     run_id = run_train("--data_path", str(tiny_dataset), "--mode", "full", "--base_model", tiny_llama,
                        "--learning_rate", "3e-3", "--max_steps", "30", "--eval_steps", "6", "--save_steps", "6",
@@ -85,6 +90,7 @@ def test_tiny_llama_learns_the_easy_task(mlflow_store, tiny_dataset, tiny_llama)
     assert metrics["test/accuracy"] >= 0.9, metrics
 
 
+@pytest.mark.slow
 def test_best_checkpoint_is_selected_and_survives_the_limit(mlflow_store, tiny_dataset, tiny_llama):
     run_id = run_train("--data_path", str(tiny_dataset), "--mode", "lora", "--base_model", tiny_llama,
                        "--learning_rate", "5e-3", "--max_steps", "8", "--eval_steps", "2", "--save_steps", "2",
@@ -111,6 +117,7 @@ def test_best_checkpoint_is_selected_and_survives_the_limit(mlflow_store, tiny_d
     assert abs(scores - logged["score"].to_numpy()).max() < 1e-5
 
 
+@pytest.mark.slow
 def test_time_budget_evaluates_saves_and_stops(mlflow_store, tiny_dataset, tiny_llama):
     run_id = run_train("--data_path", str(tiny_dataset), "--mode", "lora", "--base_model", tiny_llama,
                        "--max_steps", "40", "--eval_steps", "20", "--save_steps", "20", *COMMON,
@@ -126,6 +133,7 @@ def test_time_budget_evaluates_saves_and_stops(mlflow_store, tiny_dataset, tiny_
     assert run.data.params["training.max_train_minutes"] == "0.0001"
 
 
+@pytest.mark.slow
 def test_early_stopping_ends_training_after_evaluations_that_do_not_improve(mlflow_store, tiny_dataset, tiny_llama):
     # Learning rates too small to change a prediction: validation F1 never improves after the first evaluation.
     run_id = run_train("--data_path", str(tiny_dataset), "--mode", "lora", "--base_model", tiny_llama,
@@ -136,6 +144,33 @@ def test_early_stopping_ends_training_after_evaluations_that_do_not_improve(mlfl
     evaluated = [m.step for m in client.get_metric_history(run_id, "eval/f1_macro")]
     assert run.info.status == "FINISHED" and evaluated == [1, 2, 3]  # the best, then two without improvement
     assert run.data.params["training.early_stopping_patience"] == "2" and "test/accuracy" in run.data.metrics
+
+
+@pytest.mark.slow
+def test_an_epoch_schedule_with_accumulation_a_loss_criterion_and_a_linear_head(mlflow_store, tiny_dataset, tiny_llama):
+    """Two epochs of 48 rows in micro-batches of 8, two per optimizer step: 6 steps, over which the learning rate
+    decays linearly; the best checkpoint chosen by the lowest validation loss; a linear head saved and served."""
+    run_id = run_train("--data_path", str(tiny_dataset), "--mode", "full", "--base_model", tiny_llama,
+                       "--learning_rate", "1e-3", "--epochs", "2", "--gradient_accumulation_steps", "2",
+                       "--eval_steps", "1", "--save_steps", "1", "--metric_for_best", "loss", "--head", "linear",
+                       *COMMON, "--register", "false")
+    client = MlflowClient()
+    run = client.get_run(run_id)
+    rates = {m.step: m.value for m in client.get_metric_history(run_id, "train/learning_rate")}
+    assert sorted(rates) == [1, 2, 3, 4, 5, 6]
+    assert [rates[step] for step in range(1, 7)] == pytest.approx([1e-3 * (1 - k / 6) for k in range(6)])
+    # Every micro-batch is counted: 96 rows over the time spent in training steps.
+    metrics = run.data.metrics
+    assert metrics["train/samples_per_second"] * metrics["train/step_seconds"] == pytest.approx(96)
+    losses = {m.step: m.value for m in client.get_metric_history(run_id, "eval/loss")}
+    best_step = min(losses, key=lambda step: (losses[step], step))
+    assert metrics["best/step"] == best_step and metrics["best/loss"] == pytest.approx(losses[best_step])
+    from textclf.model import LinearHead, load_classifier
+
+    model, _ = load_classifier("outputs/tinysent-full-seed42/model")
+    assert model.spec.head == "linear" and isinstance(model.head, LinearHead)
+    predicted = mlflow.pyfunc.load_model(f"runs:/{run_id}/model").predict(["a gem of a film"])
+    assert predicted["label"].tolist()[0] in {"0", "1"}
 
 
 def test_head_learning_rate_builds_its_own_groups_and_decay_spares_biases_and_norms(tmp_path, tiny_llama):
@@ -195,6 +230,7 @@ def test_group_by_length_does_not_change_evaluation_of_a_checkpoint(mlflow_store
         assert metrics[f"eval_{name}"] == pytest.approx(value), name
 
 
+@pytest.mark.slow
 def test_runs_record_system_metrics_and_versions_describe_themselves(mlflow_store, tiny_dataset, tiny_llama,
                                                                      monkeypatch):
     monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.5")

@@ -42,7 +42,7 @@ from transformers.modeling_outputs import SequenceClassifierOutput
 from textclf.config import DEFAULT_BASE_MODEL, DEFAULT_PROMPT_TEMPLATE, SHIPPED_DATASETS, DataConfig
 from textclf.encoding import format_prompt, prepare_tokenizer
 from textclf.errors import TextclfError
-from textclf.evaluation import classification_metrics, log_misclassified, write_test_artifacts
+from textclf.evaluation import classification_metrics
 from textclf.model import ENCODER_TYPES, ClassifierSpec, load_tokenizer, resolve_model_path
 from textclf.serving import DEFAULT_BATCH_SIZE, TextClassifierPyfunc
 
@@ -270,7 +270,7 @@ def run_baseline(config: BaselineConfig) -> BaselineResult:
     from textclf import tracking
     from textclf.data import load_splits
     from textclf.inference import Predictor
-    from textclf.registry import registered_model_name
+    from textclf.registry import data_tags, register_version, registered_model_name
     from textclf.serving import log_model
 
     config.validate()
@@ -279,6 +279,8 @@ def run_baseline(config: BaselineConfig) -> BaselineResult:
     if splits.test is None:
         raise TextclfError(f"{data.resolved_path()}: no test split to score the baseline on")
     dataset = data.name
+    if config.register:
+        tracking.check_registrable(dataset, splits.dataset_digest)
     model, tokenizer = build_zero_shot(config.base_model, splits.label_names, config.prompt_template,
                                        config.max_length, dataset)
     predictor = Predictor(model, tokenizer, batch_size=config.batch_size, progress=True)
@@ -307,11 +309,8 @@ def run_baseline(config: BaselineConfig) -> BaselineResult:
         probabilities = predictor.predict_proba(texts)
         seconds = time.perf_counter() - started
         with tempfile.TemporaryDirectory() as tmp:
-            test_metrics = write_test_artifacts(Path(tmp), texts, labels, probabilities, splits.label_names)
-            mlflow.log_artifacts(tmp, artifact_path="test")
-        log_misclassified(texts, labels, probabilities, splits.label_names)
-        tracking.log_metrics({**{f"test/{k}": v for k, v in test_metrics.items()}, "test/runtime_seconds": seconds,
-                              "test/samples_per_second": len(texts) / max(seconds, 1e-9)})
+            test_metrics = tracking.log_test_results(Path(tmp), texts, labels, probabilities, splits.label_names)
+        tracking.log_metrics({"test/runtime_seconds": seconds, "test/samples_per_second": len(texts) / max(seconds, 1e-9)})
         validation_metrics: dict[str, float] = {}
         if config.register:
             mlflow.log_param("data.rows.validation", len(splits.validation))
@@ -324,21 +323,12 @@ def run_baseline(config: BaselineConfig) -> BaselineResult:
             model_uri = log_model(Path(tmp) / "model", splits.label_names, texts, python_model=ZeroShotPyfunc())
         version = None
         if config.register:
-            version = _register(run.info.run_id, model_uri, registered_model_name(dataset), config.base_model,
-                                validation_metrics, test_metrics)
+            tags = {"mode": MODE, "baseline": MODE, "base_model": config.base_model, "validation_metric": "f1_macro",
+                    **data_tags(splits)}
+            version = register_version(run.info.run_id, model_uri, registered_model_name(dataset), tags,
+                                       validation_metrics, test_metrics)
         run_id = run.info.run_id
     return BaselineResult(run_id, test_metrics, validation_metrics, model_uri, version, seconds)
-
-
-def _register(run_id: str, model_uri: str, name: str, base_model: str, validation: dict[str, float],
-              test: dict[str, float]) -> str:
-    """A version tagged like a trained one (``validation_<metric>`` for promote), plus ``baseline``."""
-    import mlflow
-
-    tags = {"run_id": run_id, "mode": MODE, "baseline": MODE, "base_model": base_model, "validation_metric": "f1_macro",
-            **{f"validation_{k}": repr(float(v)) for k, v in validation.items()},
-            **{f"test_{k}": repr(float(v)) for k, v in test.items()}}
-    return str(mlflow.register_model(model_uri, name, tags=tags).version)
 
 
 def _cap(text: str, limit: int = 500) -> str:

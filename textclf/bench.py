@@ -56,38 +56,66 @@ def _synchronize() -> None:
 
 @dataclass
 class FlopModel:
-    """Training FLOPs per token of a classifier, from its linear layers and attention shape.
+    """Useful training FLOPs of a classifier, from what its linear layers and attention compute per token.
 
-    Per token, a linear layer of N weights costs 2N forward; its backward costs 2N for the input
-    gradient plus 2N for the weight gradient when it trains (LoRA, full) and nothing more when frozen.
-    Attention scores and values cost 4 * layers * width * sequence_length forward and twice that
-    backward. Embeddings are lookups (no FLOPs); the head runs once per sequence (ignored, <0.5%).
-    Gradient-checkpointing recomputation is not counted: it is not useful work.
+    A linear layer of N weights costs 2N per token forward; backward adds 2N for its input gradient when its
+    input requires one (anything below it trains) and 2N for its weight gradient when it trains (LoRA adapters,
+    or every weight in full mode). So layers below the lowest trained one (``frozen_layers``, LoRA on the upper
+    layers only) cost their forward alone, as do the projections that read the frozen input of the lowest one.
+    Which case each layer is in is read off one forward pass (:meth:`of`), not guessed from names. Attention
+    costs 4 x width FLOPs per query-key pair of real tokens forward (scores and values) and twice that backward
+    in the layers backward runs through, on each row's real length: padding is no useful work. Embeddings are
+    lookups (no FLOPs), the head runs once per row (ignored, <0.5% of a real model), and recomputation under
+    gradient checkpointing is not counted.
     """
 
-    frozen_linear: int
-    trained_linear: int
-    layers: int
+    linear_weights: int  # every linear weight that runs: 2 FLOPs each per token forward
+    input_gradient_weights: int  # those whose input needs a gradient: 2 more in backward
+    trained_weights: int  # those that train: 2 more for their gradient
+    layers: int  # transformer layers that backward runs through
+    forward_only_layers: int
     attention_width: int
 
     @classmethod
     def of(cls, model: TextClassifier) -> "FlopModel":
-        frozen = trained = 0
-        for module in model.backbone.modules():
-            if isinstance(module, nn.Linear):
-                if module.weight.requires_grad:
-                    trained += module.weight.numel()
-                else:
-                    frozen += module.weight.numel()
-        config = base_of(model.backbone).config
-        width = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        return cls(frozen, trained, config.num_hidden_layers, width * config.num_attention_heads)
+        """Count ``model``'s linear weights by the gradients training computes for them, observed in one forward
+        pass of a 4-token row with gradients enabled (which inputs require a gradient)."""
+        from textclf.model import transformer_layers
 
-    def training_flops(self, real_tokens: int, padded_tokens: int, sequence_length: float) -> float:
-        """Useful FLOPs: weights on real tokens, attention at the batch's padded length."""
-        per_token = 4 * self.frozen_linear + 6 * self.trained_linear
-        attention = 12 * self.layers * self.attention_width * sequence_length
-        return real_tokens * (per_token + attention)
+        base = base_of(model.backbone)
+        layers = transformer_layers(base)
+        observed: dict[int, tuple[nn.Linear, bool, bool]] = {}  # id -> (module, input needs grad, output needs grad)
+
+        def record(module, inputs, output):
+            observed[id(module)] = (module, inputs[0].requires_grad, output.requires_grad)
+
+        hooks = [m.register_forward_hook(record) for m in model.backbone.modules() if isinstance(m, nn.Linear)]
+        try:
+            device = next(model.parameters()).device
+            ids = torch.arange(4, device=device).unsqueeze(0)
+            with torch.enable_grad():
+                model.backbone(input_ids=ids, attention_mask=torch.ones_like(ids))
+        finally:
+            for hook in hooks:
+                hook.remove()
+        counts = dict(linear_weights=0, input_gradient_weights=0, trained_weights=0)
+        for module, input_grad, _ in observed.values():
+            weights = getattr(module.weight, "ds_numel", module.weight.numel())  # ZeRO-3 leaves numel() 0
+            counts["linear_weights"] += weights
+            counts["input_gradient_weights"] += weights if input_grad else 0
+            counts["trained_weights"] += weights if module.weight.requires_grad else 0
+        backward = sum(any(observed.get(id(m), (None, False, False))[2] for m in layer.modules()) for layer in layers)
+        config = base.config
+        width = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        return cls(**counts, layers=backward, forward_only_layers=len(layers) - backward,
+                   attention_width=width * config.num_attention_heads)
+
+    def training_flops(self, real_tokens: float, attention_pairs: float) -> float:
+        """Useful FLOPs of training on ``real_tokens`` tokens whose rows hold ``attention_pairs`` query-key pairs
+        (the sum of each row's squared real length; textclf.trainer_setup.BatchCounts counts both)."""
+        per_token = 2 * (self.linear_weights + self.input_gradient_weights + self.trained_weights)
+        per_pair = 4 * self.attention_width * (self.forward_only_layers + 3 * self.layers)
+        return real_tokens * per_token + attention_pairs * per_pair
 
 
 @dataclass
@@ -97,6 +125,7 @@ class Throughput:
     samples: int
     real_tokens: int
     padded_tokens: int
+    attention_pairs: int
     seconds: float
     flops: float
 
@@ -120,25 +149,25 @@ class Throughput:
 
 
 class StepTimer(TrainerCallback):
-    """Wall time and tokens of every step after the first, read off the Trainer's batch counts."""
+    """Wall time and tokens of every step after the first ``warmup`` ones, read off the Trainer's batch counts
+    (the first step allocates the optimizer state; torch.compile compiles during the first steps, once per new
+    shape until it marks the sequence length dynamic)."""
 
-    def __init__(self, counts: BatchCounts, flop_model: FlopModel):
-        self.counts, self.flop_model = counts, flop_model
+    def __init__(self, counts: BatchCounts, flop_model: FlopModel, warmup: int = 1):
+        self.counts, self.flop_model, self.warmup = counts, flop_model, warmup
         self.last_end: float | None = None
-        self.last_counters: dict[str, int] = {}
-        self.totals = dict(steps=0, samples=0, real_tokens=0, padded_tokens=0, seconds=0.0, flops=0.0)
+        self.last_counters: dict[str, float] = {}
+        self.totals = dict(steps=0, samples=0, real_tokens=0, padded_tokens=0, attention_pairs=0, seconds=0.0, flops=0.0)
 
     def on_step_end(self, args, state, control, **kwargs):
-        now, counters = time.perf_counter(), asdict(self.counts)
-        if self.last_end is not None:  # the first step (allocations, optimizer state) is the warm-up
+        now, counters = time.perf_counter(), self.counts.totals()
+        if state.global_step > self.warmup:
             delta = {k: counters[k] - self.last_counters[k] for k in counters}
-            # Batches are padded to a rectangle: padded tokens / rows is the step's sequence length.
-            length = delta["padded_tokens"] / max(delta["samples"], 1)
             self.totals["steps"] += 1
             self.totals["seconds"] += now - self.last_end
-            self.totals["flops"] += self.flop_model.training_flops(delta["real_tokens"], delta["padded_tokens"], length)
-            for key in ("samples", "real_tokens", "padded_tokens"):
-                self.totals[key] += delta[key]
+            self.totals["flops"] += self.flop_model.training_flops(delta["real_tokens"], delta["attention_pairs"])
+            for key in ("samples", "real_tokens", "padded_tokens", "attention_pairs"):
+                self.totals[key] += int(delta[key])
         self.last_end, self.last_counters = now, counters
 
 
@@ -158,27 +187,47 @@ def bench_config(base_model: str, dataset: str, rows: int, steps: int, max_lengt
                         logging_steps=10**6, register=False, resume=False)
 
 
-def measure_training(config: RunConfig, pad_to_max_length: bool, setting: str) -> tuple[Throughput, FlopModel]:
-    """Train ``config.training.max_steps`` steps with the Trainer textclf uses; time all but the first."""
+def measure_training(config: RunConfig, pad_to_max_length: bool, setting: str, *, attention: str | None = None,
+                     optim: str | None = None, compile_backend: str | None = None,
+                     gradient_checkpointing: bool = False, warmup: int = 1) -> tuple[Throughput, FlopModel, dict]:
+    """Train ``config.training.max_steps`` steps with the Trainer textclf uses; time all but the first ``warmup``.
+
+    The levers (an attention implementation, a Trainer ``optim``, a torch.compile backend, gradient
+    checkpointing) change one thing each from what ``textclf train`` runs; the GPU check measures them. Returns the
+    throughput, the FLOP model and what ran (attention, optimizer, compile, checkpointing)."""
     precision = resolve_precision(config.training.precision)
     prepared = prepare(config)
     model, tokenizer = prepared.model, prepared.tokenizer
+    base = base_of(model.backbone)
+    if attention:
+        base.set_attn_implementation(attention)
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable()  # as textclf.training.run_training does
     if pad_to_max_length:
         collator = DataCollatorWithPadding(tokenizer, padding="max_length", max_length=config.data.max_length)
     else:
         collator = training_collator(tokenizer)
     flop_model = FlopModel.of(model)
     counts = BatchCounts()
-    timer = StepTimer(counts, flop_model)
+    timer = StepTimer(counts, flop_model, warmup)
+    # textclf's arguments without evaluation and checkpoints, which are not what is timed here.
+    changes: dict[str, Any] = {"eval_strategy": "no", "save_strategy": "no", "load_best_model_at_end": False}
+    if optim:
+        changes["optim"] = optim
+    if compile_backend:
+        changes.update(torch_compile=True, torch_compile_backend=compile_backend)
     with tempfile.TemporaryDirectory() as tmp:
-        # textclf's arguments without evaluation and checkpoints, which are not what is timed here.
-        args = dataclasses.replace(training_arguments(config, Path(tmp), precision), eval_strategy="no",
-                                   save_strategy="no", load_best_model_at_end=False)
+        args = dataclasses.replace(training_arguments(config, Path(tmp), precision), **changes)
         trainer = ClassifierTrainer(model=model, args=args, train_dataset=prepared.train_set, data_collator=collator,
                                     callbacks=[timer], head_learning_rate=config.training.head_learning_rate,
                                     batch_counts=counts)
         trainer.train()
-    return Throughput(setting=setting, **timer.totals), flop_model
+        optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)  # under accelerate's wrapper
+        ran = {"attn_implementation": str(base.config._attn_implementation),
+               "optim": str(getattr(args.optim, "value", args.optim)),
+               "optimizer": f"{type(optimizer).__name__}(fused={optimizer.defaults.get('fused')})",
+               "torch_compile": compile_backend or False, "gradient_checkpointing": gradient_checkpointing}
+    return Throughput(setting=setting, **timer.totals), flop_model, ran
 
 
 def measure_prediction(model_dir: Path, model_uri: str, texts: list[str], batch_size: int,
@@ -262,7 +311,7 @@ def run_bench(base_model: str, dataset: str = "sst2", rows: int = 240, baseline_
         for setting, pad_to_max_length, grouped in TRAINING_SETTINGS:
             steps = baseline_steps + 1 if pad_to_max_length else rows // batch
             config = bench_config(base_model, dataset, rows, steps, max_length, grouped, tmp, mode)
-            throughput, flop_model = measure_training(config, pad_to_max_length, setting)
+            throughput, flop_model, _ = measure_training(config, pad_to_max_length, setting)
             results.append(throughput.summary(peak))
         baseline = results[0]["samples_per_second"]
         for result in results:
@@ -283,6 +332,8 @@ def format_report(report: dict[str, Any]) -> str:
     lines = [f"{report['base_model']} ({report['mode']}), {report['dataset']}, batch {report['batch_size']}, "
              f"{report['precision']} on {report['device']} ({report['threads']} threads); "
              f"matmul {report['matmul_gflops']['median']:.1f} GFLOP/s median, {report['matmul_gflops']['best']:.1f} best",
+             "MFU: useful training GFLOP/s (textclf.bench.FlopModel) over the matmul rate measured on this machine in "
+             "the same precision (median / best of its square matmuls), not a datasheet peak",
              "", "| setting | samples/s | tokens/s | padding | GFLOP/s | MFU (median / best matmul) | vs pad-to-512 |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in report["training"]:

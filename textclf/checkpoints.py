@@ -3,7 +3,7 @@ decision a start makes for a folder (start fresh, resume a checkpoint, or recogn
 
 The Trainer writes ``checkpoint-N`` in place; a crash can leave one half-written. We write a
 ``textclf.json`` (so the checkpoint can be evaluated alone) and the run's whole configuration
-(``config.json``), as a saved model folder has them, the run's recipe (``run_config.json``: the parameters
+(``training_config.json``), as a saved model folder has them, the run's recipe (``run_config.json``: the parameters
 that must match to resume), and then a ``COMPLETE`` marker, last. A checkpoint without the marker is never
 resumed from; it is renamed aside, not deleted. A checkpoint resumes only into the recipe that wrote it,
 and a folder whose run finished (``finished_run.json``) is never trained again.
@@ -12,7 +12,6 @@ and a folder whose run finished (``finished_run.json``) is never trained again.
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import logging
 import os
@@ -22,10 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
-
 from textclf.config import MODES, RunConfig, build_config, flatten
 from textclf.errors import TextclfError
+from textclf.ranks import is_main_process
 
 log = logging.getLogger(__name__)
 
@@ -41,10 +39,11 @@ NOT_PART_OF_RECIPE = {"run.output_dir", "run.run_name", "run.register", "run.res
                       "training.eval_batch_size"}
 
 
-def recipe(flat_config: dict[str, str], **extra: Any) -> dict[str, str]:
+def recipe(config: RunConfig, **extra: Any) -> dict[str, str]:
     """What determines a run's training: its flattened config (less NOT_PART_OF_RECIPE) and ``extra``
-    (engine, world size, data digests), every value as a string so that a JSON round trip compares equal."""
-    out = {k: v for k, v in flat_config.items() if k not in NOT_PART_OF_RECIPE}
+    (engine, world size, data digests), every value as a string so that a JSON round trip compares equal.
+    Values are whole, not cut to MLflow's param limit: two prompts that differ past it are two recipes."""
+    out = {k: v for k, v in flatten(config, max_length=None).items() if k not in NOT_PART_OF_RECIPE}
     out.update({k: str(v) for k, v in extra.items()})
     return out
 
@@ -58,14 +57,13 @@ def recipe_of(config: RunConfig, splits, precision: str, deepspeed: dict | None,
     if deepspeed is not None:
         engine = {"engine": "deepspeed", "world_size": world_size or os.environ.get("WORLD_SIZE", "1"),
                   "deepspeed_config": json.dumps(deepspeed, sort_keys=True)}
-    return recipe(flatten(config), resolved_precision=precision, **engine, **data_digests(splits))
+    # A content hash per split: a checkpoint never resumes onto other rows under the same parameters.
+    digests = {f"data.digest.{name}": digest for name, digest in splits.digests().items()}
+    return recipe(config, resolved_precision=precision, **engine, **digests)
 
 
-def data_digests(splits) -> dict[str, str]:
-    """A content hash per split: a checkpoint never resumes onto other rows under the same parameters."""
-    frames = {"train": splits.train, "validation": splits.validation, "test": splits.test}
-    return {f"data.digest.{name}": hashlib.sha256(pd.util.hash_pandas_object(frame, index=False).values).hexdigest()[:16]
-            for name, frame in frames.items() if frame is not None}
+# Parameters renamed since a recipe may have been written (old name -> new name): compared under the new name.
+RENAMED = {"model.calibration_samples": "model.standardization_samples"}
 
 
 def differences(recorded: dict[str, str], current: dict[str, str]) -> list[str]:
@@ -73,6 +71,7 @@ def differences(recorded: dict[str, str], current: dict[str, str]) -> list[str]:
 
     A parameter the recorded recipe lacks (added to textclf after it was written) is unchanged while it is at
     its default: the code that wrote the recipe behaved as that default does."""
+    recorded = {RENAMED.get(k, k): v for k, v in recorded.items()}
     defaults = _parameter_defaults(current.get("run.mode"))
     keys = sorted(set(recorded) | set(current))
     return [f"{k}: {_short(recorded.get(k, '(unset)'))} -> {_short(current.get(k, '(unset)'))}"
@@ -82,7 +81,7 @@ def differences(recorded: dict[str, str], current: dict[str, str]) -> list[str]:
 @functools.lru_cache(maxsize=None)
 def _parameter_defaults(mode: str | None) -> dict[str, str]:
     """Every run parameter at its default for ``mode`` (its preset), as a recipe records it."""
-    return flatten(build_config(mode)) if mode in MODES else {}
+    return flatten(build_config(mode), max_length=None) if mode in MODES else {}
 
 
 def _short(value: str, limit: int = 60) -> str:
@@ -114,6 +113,11 @@ def checkpoint_folders(output_dir: Path) -> list[Path]:
         return []
     found = [(int(m.group(1)), p) for p in output_dir.iterdir() if p.is_dir() and (m := CHECKPOINT_PATTERN.match(p.name))]
     return [path for _, path in sorted(found)]
+
+
+def step_of(checkpoint: Path) -> int:
+    """The training step a ``checkpoint-N`` folder holds."""
+    return int(CHECKPOINT_PATTERN.match(checkpoint.name).group(1))
 
 
 def latest_complete(output_dir: Path) -> Path | None:
@@ -221,7 +225,7 @@ def plan_output_dir(output_dir: Path, resume: bool, run_recipe: dict[str, str],
                                "recognise it, or choose another run_name or output_dir")
         return FolderPlan(finished=finished)
     if main_process is None:
-        main_process = os.environ.get("RANK", "0") == "0"  # with DeepSpeed, every rank calls this
+        main_process = is_main_process()  # with DeepSpeed, every rank calls this
     for folder in checkpoint_folders(output_dir) if main_process else []:
         if not is_complete(folder):
             aside = folder.with_name(f"incomplete-{folder.name}")

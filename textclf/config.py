@@ -88,7 +88,7 @@ class ModelConfig:
     head: str = preset("classification head", full="mlp", lora="mlp", choices=HEADS)
     head_dropout: float = param(0.1, "dropout in the head", range=FRACTION)
     pooling: str = param("auto", "auto: last token (decoders), mean (encoders)", choices=POOLINGS)
-    calibration_samples: int = param(128, "train rows that standardize the head's input features (0: off)",
+    standardization_samples: int = param(128, "train rows that standardize the head's input features (0: off)",
                                      range=NON_NEGATIVE)
     frozen_layers: int = param(0, "full mode: freeze the embeddings and the lowest N transformer layers, so backward "
                                "stops above them (faster steps; 0 trains every layer)", range=NON_NEGATIVE)
@@ -96,6 +96,8 @@ class ModelConfig:
     lora_alpha: int = param(16, "LoRA alpha", range=POSITIVE)
     lora_dropout: float = param(0.1, "LoRA dropout", range=FRACTION)
     lora_targets: str = param("q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj", "comma-separated module names")
+    lora_layers: int = param(0, "LoRA adapters on the top N transformer layers only, so backward stops below them "
+                             "(0: every layer)", range=NON_NEGATIVE)
 
 
 @dataclass(frozen=True)
@@ -111,7 +113,10 @@ class TrainingConfig:
     max_train_minutes: float | None = param(None, "time budget: evaluate, save and stop once training has run this "
                                             "long", range=POSITIVE)
     eval_steps: int = preset("evaluate every N steps", full=50, lora=100, range=POSITIVE)
-    save_steps: int = preset("checkpoint every N steps (a multiple of eval_steps)", full=100, lora=200, range=POSITIVE)
+    # Saved at every evaluation by default: only a saved step can be selected as the best checkpoint, so a step
+    # evaluated but not saved could show the best score on the curves and still not be the model a run keeps.
+    save_steps: int | None = param(None, "checkpoint every N steps, a multiple of eval_steps (default: eval_steps, "
+                                   "so that every evaluated step can be selected)", range=POSITIVE)
     logging_steps: int = param(10, "log train metrics every N steps", range=POSITIVE)
     early_stopping_patience: int = param(0, "stop once this many evaluations in a row have not improved "
                                          "metric_for_best (0: never)", range=NON_NEGATIVE)
@@ -186,6 +191,7 @@ def build_config(mode: str = DEFAULT_MODE, **overrides: Any) -> RunConfig:
     values = {**MODE_PRESETS[mode], **{k: v for k, v in overrides.items() if v is not None}}
     if "seed" in values:
         values["seed"] = parse_seed(values["seed"])
+    values.setdefault("save_steps", values["eval_steps"])
     sections: dict[type, dict[str, Any]] = {DataConfig: {}, ModelConfig: {}, TrainingConfig: {}}
     top: dict[str, Any] = {"mode": mode}
     top_fields = {f.name for f in dataclasses.fields(RunConfig)} - {"data", "model", "training"}
@@ -262,6 +268,8 @@ def validate(config: RunConfig) -> None:
         )
     if training.epochs <= 0 and training.max_steps <= 0:
         raise TextclfError("set epochs > 0 or max_steps > 0")
+    if config.model.lora_layers and config.mode != "lora":
+        raise TextclfError(f"lora_layers applies to mode=lora (use frozen_layers in mode=full); got mode={config.mode}")
     if config.model.frozen_layers and config.mode != "full":
         raise TextclfError(f"frozen_layers applies to mode=full (LoRA already freezes the base model); got mode={config.mode}")
 
@@ -271,8 +279,9 @@ def validate(config: RunConfig) -> None:
 PARAM_VALUE_LIMIT = 500
 
 
-def flatten(config: RunConfig, max_length: int = PARAM_VALUE_LIMIT) -> dict[str, str]:
-    """Flatten the config to MLflow params (``section.key``), each value at most ``max_length`` chars.
+def flatten(config: RunConfig, max_length: int | None = PARAM_VALUE_LIMIT) -> dict[str, str]:
+    """Flatten the config to MLflow params (``section.key``), each value at most ``max_length`` chars (None:
+    whole values, to compare configurations).
 
     Top-level fields go under ``run.``: ``mlflow run`` logs its raw entry-point parameters (``mode``,
     ``seed``, ...) under bare names, and MLflow refuses to change a logged value. A longer value (a
@@ -286,7 +295,7 @@ def flatten(config: RunConfig, max_length: int = PARAM_VALUE_LIMIT) -> dict[str,
                 walk(f"{prefix}.{key}" if prefix else key, inner)
             return
         text = str(value)
-        flat[prefix] = text if len(text) <= max_length else text[: max_length - 14] + "...[truncated]"
+        flat[prefix] = text if max_length is None or len(text) <= max_length else text[: max_length - 14] + "...[truncated]"
 
     sections = ("data", "model", "training")
     config_dict = config.to_dict()

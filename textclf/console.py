@@ -13,6 +13,8 @@ import warnings
 from tqdm.auto import tqdm
 from transformers import TrainerCallback
 
+from textclf.ranks import is_main_process
+
 # (category, message regex): warnings about choices textclf makes on purpose.
 HARMLESS_WARNINGS = [
     # mlflow.data.from_pandas with a local path: MLflow lists two equivalent source types.
@@ -74,7 +76,7 @@ class ConsoleProgress(TrainerCallback):
         self.bar = None
 
     def on_train_begin(self, args, state, control, **kwargs):
-        if state.is_world_process_zero:
+        if is_main_process():
             self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="train", unit="step",
                             dynamic_ncols=True)
 

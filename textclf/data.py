@@ -10,6 +10,7 @@ Every problem raises :class:`TextclfError` naming the file.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -53,11 +54,23 @@ class LabeledSplits:
     files: dict[str, list[Path]]
     notes: list[str] = field(default_factory=list)  # what was done to the data, for the log and MLflow
 
+    dataset_digest: str = ""  # the data folder's content and label names, before any cap or carved split
+
+    def digests(self) -> dict[str, str]:
+        """A content hash per split as trained on (after caps and the carved validation split)."""
+        frames = {"train": self.train, "validation": self.validation, "test": self.test}
+        return {name: frame_digest(frame) for name, frame in frames.items() if frame is not None}
+
     def summary(self) -> dict[str, int]:
         sizes = {"train": len(self.train), "validation": len(self.validation)}
         if self.test is not None:
             sizes["test"] = len(self.test)
         return sizes
+
+
+def frame_digest(frame: pd.DataFrame) -> str:
+    """A short content hash of a frame's rows, in order."""
+    return hashlib.sha256(pd.util.hash_pandas_object(frame, index=False).values).hexdigest()[:16]
 
 
 def find_split_files(folder: Path, require_train: bool = True) -> dict[str, list[Path]]:
@@ -95,12 +108,30 @@ def read_table(path: Path) -> tuple[pd.DataFrame, dict[str, list[str]]]:
     kind = FORMATS[path.suffix.lower()]
     if kind == "parquet":
         return _read_parquet(path)
-    if kind == "csv":
-        try:
-            return pd.read_csv(path, keep_default_na=False, na_values=[""]), {}
-        except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as exc:
-            raise TextclfError(f"{path}: not a valid CSV file ({_first_line(exc)})") from None
-    return _read_json(path), {}
+    try:
+        if kind == "csv":
+            try:
+                return pd.read_csv(path, keep_default_na=False, na_values=[""], encoding="utf-8"), {}
+            except (pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
+                raise TextclfError(f"{path}: not a valid CSV file ({_first_line(exc)})") from None
+        return _read_json(path), {}
+    except UnicodeDecodeError as exc:
+        raise TextclfError(_not_utf8(path, exc)) from None
+
+
+def _not_utf8(path: Path, exc: UnicodeDecodeError) -> str:
+    """Where a text file stops being UTF-8: the line, the column and the byte, found in the file itself (the
+    decoder's offset may count from a chunk of it)."""
+    raw, offset = path.read_bytes(), exc.start
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as whole:
+        offset = whole.start
+    line_start = raw.rfind(b"\n", 0, offset) + 1
+    line = raw.count(b"\n", 0, offset) + 1
+    return (f"{path}: not UTF-8 text: byte 0x{raw[offset]:02x} on line {line}, "
+            f"column {offset - line_start + 1} ({exc.reason}); save the file as UTF-8 (it may be Latin-1 or "
+            "Windows-1252 text)")
 
 
 def _first_line(exc: Exception) -> str:
@@ -180,12 +211,14 @@ def _column(frame: pd.DataFrame, name: str | None, candidates: tuple[str, ...], 
 
 def load_split(
     paths: list[Path], text_column: str | None = None, label_column: str | None = None
-) -> tuple[pd.DataFrame, dict[str, list[str]]]:
-    """Read and join the files of one split; return a frame with ``text`` and raw ``label`` columns.
+) -> tuple[pd.DataFrame, DeclaredNames | None]:
+    """Read and join the files of one split; return a frame with ``text`` and raw ``label`` columns, and the label
+    names its files declare (Parquet ``ClassLabel`` metadata), if any.
 
-    ``text_column``/``label_column`` name the columns; None detects them. Raises TextclfError.
+    ``text_column``/``label_column`` name the columns; None detects them. Raises TextclfError, also when two
+    files of the split declare different label names.
     """
-    frames, declared = [], {}
+    frames, declared = [], None
     for path in paths:
         frame, names = read_table(path)
         if frame.empty:
@@ -202,9 +235,26 @@ def load_split(
             first = int(labels.isna().to_numpy().nonzero()[0][0])
             raise TextclfError(f"{path}: {int(labels.isna().sum())} rows have no label (first: row {first + 1})")
         if label_col in names:
-            declared["label"] = names[label_col]
+            declared = agreeing(declared, DeclaredNames(names[label_col], path))
         frames.append(pd.DataFrame({"text": texts.astype(str).to_numpy(), "label": labels.to_numpy()}))
     return pd.concat(frames, ignore_index=True), declared
+
+
+@dataclass(frozen=True)
+class DeclaredNames:
+    """Label names a file declares for its integer labels (label i is ``names[i]``)."""
+
+    names: list[str]
+    path: Path
+
+
+def agreeing(first: DeclaredNames | None, other: DeclaredNames) -> DeclaredNames:
+    """``first`` (or ``other`` when there is none yet). Raises TextclfError when the two declare different
+    names: label 0 would mean one class in one file and another in the other."""
+    if first is not None and first.names != other.names:
+        raise TextclfError(f"{other.path}: declares label names {other.names}, but {first.path} declares "
+                           f"{first.names}; every file must give its integer labels the same names")
+    return first or other
 
 
 def _is_integer(labels: pd.Series) -> bool:
@@ -232,17 +282,27 @@ def resolve_label_names(
     return sorted(seen), "sorted string labels"
 
 
-def _to_ids(frame: pd.DataFrame, names: list[str], path: Path, declared: bool = False) -> pd.DataFrame:
+def _to_ids(frame: pd.DataFrame, names: list[str], path: Path, own: DeclaredNames | None = None,
+            names_declared: bool = False) -> pd.DataFrame:
     """Replace raw labels by their index in ``names``. Raises TextclfError naming unknown labels.
 
-    Integer labels are indices into ``names``, except when the names are themselves integers that
-    nobody declared (labels 3 and 7 named "3" and "7"): then a label is looked up by value. Names
-    declared by Parquet metadata are always indexed, even when they are digits (stars "1".."5"
-    stored as 0..4), or a rating would shift by one.
+    Integer labels of a file that declares its own label names (``own``) are read as those names, then found
+    by name in ``names``: a file may order its classes differently from the model. Other integer labels are
+    indices into ``names``, except when the names are themselves integers that nobody declared
+    (``names_declared`` False; labels 3 and 7 named "3" and "7"): then a label is looked up by value. Names
+    declared by Parquet metadata are always indexed, even when they are digits (stars "1".."5" stored as 0..4),
+    or a rating would shift by one.
     """
     labels = frame["label"]
-    if _is_integer(labels):
-        if not declared and all(name.lstrip("-").isdigit() for name in names):
+    if _is_integer(labels) and own is not None:
+        unknown = sorted(set(own.names) - set(names))
+        if unknown:
+            raise TextclfError(f"{path}: declares label names unknown to the {len(names)} label names {names}: "
+                               f"{', '.join(unknown[:10])}")
+        by_name = {name: i for i, name in enumerate(names)}
+        ids = labels.map(lambda v: by_name[own.names[int(v)]] if 0 <= int(v) < len(own.names) else None)
+    elif _is_integer(labels):
+        if not names_declared and all(name.lstrip("-").isdigit() for name in names):
             mapping = {int(name): i for i, name in enumerate(names)}
             ids = labels.map(lambda v: mapping.get(int(v)))
         else:
@@ -282,12 +342,18 @@ def load_splits(config: DataConfig) -> LabeledSplits:
     folder = config.resolved_path()
     files = find_split_files(folder)
     raw: dict[str, pd.DataFrame] = {}
-    declared: list[str] | None = None
+    own: dict[str, DeclaredNames | None] = {}
+    declared: DeclaredNames | None = None
     for split, paths in files.items():
-        raw[split], names = load_split(paths, config.text_column, config.label_column)
-        declared = declared or names.get("label")
-    names, source = resolve_label_names(raw, declared, config.name, files)
-    frames = {split: _to_ids(frame, names, files[split][0], declared=bool(declared)) for split, frame in raw.items()}
+        raw[split], own[split] = load_split(paths, config.text_column, config.label_column)
+        if own[split] is not None:
+            declared = agreeing(declared, own[split])
+    names, source = resolve_label_names(raw, declared.names if declared else None, config.name, files)
+    frames = {split: _to_ids(frame, names, files[split][0], own[split], names_declared=declared is not None)
+              for split, frame in raw.items()}
+    # What the data is, whatever part of it a run trains on: two folders of one name are two datasets.
+    dataset_digest = hashlib.sha256(json.dumps(
+        [names, *(f"{split}:{frame_digest(frames[split])}" for split in sorted(frames))]).encode()).hexdigest()[:16]
     notes: list[str] = []
 
     train_labels = set(frames["train"]["label"])
@@ -324,7 +390,7 @@ def load_splits(config: DataConfig) -> LabeledSplits:
         notes.append("no test split: test metrics are not computed")
     for note in notes:
         log.info(note)
-    return LabeledSplits(train, validation, test, names, source, files, notes)
+    return LabeledSplits(train, validation, test, names, source, files, notes, dataset_digest)
 
 
 def load_test_split(
@@ -337,8 +403,10 @@ def load_test_split(
 ) -> pd.DataFrame:
     """Load the test split of a data folder (or one file), labelled with a trained model's ``label_names``.
 
-    ``text_column``/``label_column`` name the columns; None detects them. Raises TextclfError when
-    there is no test file, a named column is missing or a label is unknown to the model.
+    Labels are matched by name: strings, and integers of a file that declares their names (Parquet
+    ``ClassLabel``), whatever order it lists them in. ``text_column``/``label_column`` name the columns; None
+    detects them. Raises TextclfError when there is no test file, a named column is missing or a label is
+    unknown to the model.
     """
     if path.is_file():
         if path.suffix.lower() not in FORMATS:
@@ -349,7 +417,7 @@ def load_test_split(
         if not files:
             raise TextclfError(f"{path}: no test split (expected a file named like test.jsonl)")
     frame, declared = load_split(files, text_column, label_column)
-    frame = _to_ids(frame, label_names, files[0], declared=bool(declared.get("label")))
+    frame = _to_ids(frame, label_names, files[0], declared)
     if max_test_samples and max_test_samples < len(frame):
         frame = _sample(frame, max_test_samples, DataConfig.split_seed)
     return frame

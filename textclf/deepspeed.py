@@ -20,8 +20,9 @@ from pathlib import Path
 
 from textclf.checkpoints import WEIGHTS_FILE
 from textclf.errors import TextclfError, TrainingInterrupted
+from textclf.ranks import is_main_process
 from textclf.signals import SAME_INTERRUPT_SECONDS
-from textclf.threads import plan_threads
+from textclf.threads import configure_threads, plan_threads
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +83,9 @@ class Nodes:
         return self.rank == 0
 
 
+# Set in the ranks when OMP_NUM_THREADS is the launcher's share of the cores, not the user's choice.
+RANK_THREADS_FROM_LAUNCHER = "TEXTCLF_RANK_THREADS_FROM_LAUNCHER"
+
 # How long torchrun lets stopped ranks end their step and their run before SIGKILL (its default: 30 s). Not
 # longer: a rank blocked in a collective after another rank failed cannot act on the signal at all.
 SHUTDOWN_SECONDS = 120
@@ -94,14 +98,17 @@ def launch(num_procs: int, worker_args: list[str], nodes: Nodes = Nodes()) -> in
     this process was sent SIGINT or SIGTERM."""
     if num_procs < 1:
         raise TextclfError(f"num_procs must be at least 1, got {num_procs}")
-    command = [
-        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={num_procs}", f"--nnodes={nodes.count}",
-        f"--node_rank={nodes.rank}", f"--master_addr={nodes.master_addr}", f"--shutdown_timeout={SHUTDOWN_SECONDS}",
-        f"--master_port={nodes.master_port or free_port()}",
-        "-m", "entrypoints.train_deepspeed", "--worker", *worker_args,
-    ]
+    if nodes.count == 1 and not nodes.master_port:
+        rendezvous = ["--standalone"]  # torchrun finds a free port on this machine itself
+    else:
+        rendezvous = [f"--nnodes={nodes.count}", f"--node_rank={nodes.rank}", f"--master_addr={nodes.master_addr}",
+                      f"--master_port={nodes.master_port}"]
+    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={num_procs}", *rendezvous,
+               f"--shutdown_timeout={SHUTDOWN_SECONDS}", "-m", "entrypoints.train_deepspeed", "--worker", *worker_args]
     # Each rank's OpenMP pool from its start, by the one rule of textclf.threads (a user's OMP_NUM_THREADS wins).
     env = {**os.environ, "OMP_NUM_THREADS": str(plan_threads(ranks_sharing=num_procs).intra_op)}
+    if "OMP_NUM_THREADS" not in os.environ:
+        env[RANK_THREADS_FROM_LAUNCHER] = "1"
     # torchrun (which puts each rank in a session of its own) in a session of its own too, so that a terminal's
     # Ctrl-C reaches only this process; signals are passed on to it, by textclf.signals' rule: a repeat within
     # SAME_INTERRUPT_SECONDS is the same interrupt (under `mlflow run`, Ctrl-C arrives as SIGINT then SIGTERM),
@@ -134,13 +141,18 @@ def launch(num_procs: int, worker_args: list[str], nodes: Nodes = Nodes()) -> in
     return code
 
 
-def teardown_process_group() -> None:
-    """Barrier then destroy: without it, rank 1 was seen aborting at exit after MLflow logging."""
+def leave_process_group() -> None:
+    """Every rank, at the same point: barrier, then destroy the process group (without the barrier, rank 1 was seen
+    aborting at exit after MLflow logging). A rank that goes on alone afterwards takes the cores of its machine,
+    unless the user chose the thread count (textclf.threads)."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+        if os.environ.pop(RANK_THREADS_FROM_LAUNCHER, None):
+            os.environ.pop("OMP_NUM_THREADS", None)
+            configure_threads(ranks_sharing=1)
 
 
 def consolidate(trainer, model, folder: Path):
@@ -158,7 +170,7 @@ def consolidate(trainer, model, folder: Path):
     # Training is over: without this, loading the base model below would start a ZeRO-3 partitioned
     # load, a collective that rank 0 alone waits on forever.
     unset_hf_deepspeed_config()
-    if not trainer.is_world_process_zero():
+    if not is_main_process():
         return None
     model.spec.save(folder)
     rebuilt, _ = rebuild_from_state(folder, folder / WEIGHTS_FILE)

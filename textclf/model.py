@@ -1,8 +1,8 @@
 """The classifier: a pretrained base model, pooling, a classification head, and optional LoRA.
 
 A saved model folder describes itself (``textclf.json``: label names, prompt template, max length,
-pooling, head, base model reference, LoRA settings, the folder's ``format_version``; ``config.json``: the
-whole configuration of the run that trained it) next to its tokenizer, backbone weights and head weights,
+pooling, head, base model reference, LoRA settings, the folder's ``format_version``; ``training_config.json``:
+the whole configuration of the run that trained it) next to its tokenizer, backbone weights and head weights,
 so it predicts offline with nothing else on disk, and says how it was made.
 """
 
@@ -27,12 +27,17 @@ from textclf.errors import TextclfError
 log = logging.getLogger(__name__)
 
 SPEC_FILE = "textclf.json"
-RUN_CONFIG_FILE = "config.json"  # the run's RunConfig.to_dict(), as the run logs it to MLflow
+# The run's RunConfig.to_dict(), as the run logs it to MLflow. Not config.json: tools that open a folder read that
+# name as a Hugging Face model config.
+RUN_CONFIG_FILE = "training_config.json"
+LEGACY_RUN_CONFIG_FILE = "config.json"
 # The layout of a model folder or checkpoint, written into textclf.json:
-#   1: textclf.json without format_version, and no config.json (folders written before either existed);
-#   2: textclf.json holds format_version, and config.json sits beside it when a training run wrote the folder.
+#   1: textclf.json without format_version, and no run configuration (folders written before either existed);
+#   2: textclf.json holds format_version, and the run's configuration sits beside it as config.json when a training
+#      run wrote the folder;
+#   3: that configuration is training_config.json.
 # Loading accepts every version up to this one.
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 HEAD_FILE = "head.safetensors"
 BACKBONE_DIR = "backbone"
 ADAPTER_DIR = "adapter"
@@ -40,13 +45,6 @@ ENCODER_TYPES = {
     "bert", "roberta", "distilbert", "deberta", "deberta-v2", "electra", "xlm-roberta", "albert", "mpnet",
     "camembert", "modernbert", "xlnet",
 }
-# Names of the attention/MLP projections in other families, used when the Llama names are absent.
-LORA_TARGET_EQUIVALENTS = [
-    ["query", "key", "value", "dense"],  # BERT, RoBERTa, MiniLM
-    ["q_lin", "k_lin", "v_lin", "out_lin", "lin1", "lin2"],  # DistilBERT
-    ["c_attn", "c_proj", "c_fc"],  # GPT-2
-    ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],  # GPT-NeoX, Falcon
-]
 DEFAULT_LORA_TARGETS = ModelConfig().lora_targets
 
 
@@ -68,7 +66,7 @@ class ClassifierSpec:
 
     def save(self, folder: Path, run_config: dict[str, Any] | None = None) -> None:
         """Write ``textclf.json`` (this spec and the folder's FORMAT_VERSION) and, given the run's
-        configuration (``RunConfig.to_dict()``), ``config.json``."""
+        configuration (``RunConfig.to_dict()``), ``training_config.json``."""
         folder.mkdir(parents=True, exist_ok=True)
         (folder / SPEC_FILE).write_text(json.dumps({"format_version": FORMAT_VERSION, **asdict(self)}, indent=2,
                                                    ensure_ascii=False))
@@ -91,10 +89,16 @@ class ClassifierSpec:
 
 
 def load_run_config(folder: Path) -> dict[str, Any] | None:
-    """The configuration of the run that wrote ``folder`` (``config.json``), or None for a folder written before
-    folders carried it (format version 1) or by something other than a training run."""
-    path = folder / RUN_CONFIG_FILE
-    return json.loads(path.read_text()) if path.exists() else None
+    """The configuration of the run that wrote ``folder`` (``training_config.json``, or ``config.json`` in a folder
+    of format version 2), or None for a folder written before folders carried it (format version 1) or by
+    something other than a training run."""
+    for name in (RUN_CONFIG_FILE, LEGACY_RUN_CONFIG_FILE):
+        path = folder / name
+        if path.exists():
+            values = json.loads(path.read_text())
+            if {"mode", "data", "model", "training"} <= set(values):  # not a Hugging Face model config
+                return values
+    return None
 
 
 class FeatureScaler(nn.Module):
@@ -195,7 +199,7 @@ class TextClassifier(nn.Module):
         return pool(hidden, attention_mask, self.spec.pooling).to(self.head[-1].weight.dtype)
 
     @torch.no_grad()
-    def calibrate(self, batches) -> int:
+    def standardize_head_inputs(self, batches) -> int:
         """Fit the head's feature standardization on pooled features of a few training batches.
 
         Call before training, on the frozen starting model. Returns the number of rows used.
@@ -234,7 +238,7 @@ def resolve_model_path(name_or_path: str) -> str:
     """
     for candidate in (Path(name_or_path), REPO_ROOT / name_or_path):
         if candidate.is_dir():
-            if (candidate / SPEC_FILE).exists():  # its config.json is a run's configuration, not a model's
+            if (candidate / SPEC_FILE).exists():  # a trained model (version 2's config.json is a run's configuration)
                 raise TextclfError(f"{candidate}: not a Hugging Face model folder but a trained textclf model "
                                    f"(its base model: {ClassifierSpec.load(candidate).base_model})")
             if not (candidate / "config.json").exists():
@@ -271,31 +275,48 @@ def load_backbone(path: str, dtype: torch.dtype = torch.float32) -> nn.Module:
 
 
 def resolve_lora_targets(backbone: nn.Module, requested: str) -> list[str]:
-    """Requested module names present in the model; architecture equivalents for the defaults.
+    """The modules LoRA adapts. The default (Llama's seven projections) is every linear layer of the transformer
+    blocks, by name: the same seven in a Llama, their equivalents in other families (BERT's query/key/value/dense).
+    Found here rather than with PEFT's ``all-linear``, which refuses ``layers_to_transform`` (``lora_layers``).
 
     Raises TextclfError listing the model's linear layers when explicit targets are absent.
     """
     linear_names = {name.rsplit(".", 1)[-1] for name, module in backbone.named_modules() if isinstance(module, nn.Linear)}
+    if requested == DEFAULT_LORA_TARGETS:
+        in_blocks = {name.rsplit(".", 1)[-1] for layer in transformer_layers(backbone)
+                     for name, module in layer.named_modules() if isinstance(module, nn.Linear)}
+        return sorted(in_blocks or linear_names)
     wanted = [t.strip() for t in requested.split(",") if t.strip()]
     missing = [t for t in wanted if t not in linear_names]
-    if not missing:
-        return wanted
-    if requested == DEFAULT_LORA_TARGETS:
-        for family in LORA_TARGET_EQUIVALENTS:
-            present = [t for t in family if t in linear_names]
-            if present:
-                return present
-    raise TextclfError(
-        f"LoRA targets absent from the model: {', '.join(missing)} (its linear layers: {', '.join(sorted(linear_names))})"
-    )
+    if missing:
+        raise TextclfError(f"LoRA targets absent from the model: {', '.join(missing)} (its linear layers: "
+                           f"{', '.join(sorted(linear_names))})")
+    return wanted
 
 
 def apply_lora(backbone: nn.Module, config: ModelConfig) -> tuple[nn.Module, dict[str, Any]]:
+    """PEFT's LoRA on the targets, on every layer or on the top ``config.lora_layers`` (PEFT's
+    ``layers_to_transform``). Raises TextclfError when targets are absent or the model has too few layers."""
     from peft import LoraConfig, get_peft_model
 
     targets = resolve_lora_targets(backbone, config.lora_targets)
     lora = dict(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout, target_modules=targets)
+    layers = transformer_layers(backbone)
+    if config.lora_layers > len(layers):
+        raise TextclfError(f"lora_layers={config.lora_layers}: the model has {len(layers)} transformer layers")
+    if 0 < config.lora_layers < len(layers):
+        lora["layers_to_transform"] = list(range(len(layers) - config.lora_layers, len(layers)))
+        # The layer list's own name ("layers", "layer"): PEFT's default pattern needs a prefix before it.
+        lora["layers_pattern"] = next(name for name, module in backbone.named_modules() if module is layers).split(".")[-1]
     return get_peft_model(backbone, LoraConfig(bias="none", **lora)), lora
+
+
+def transformer_layers(backbone: nn.Module) -> nn.ModuleList | list:
+    """The backbone's transformer blocks, bottom first: its ModuleList of ``num_hidden_layers`` modules, as every
+    transformers encoder and decoder has it (empty when there is none)."""
+    depth = getattr(backbone.config, "num_hidden_layers", None)
+    return next((module for module in backbone.modules()
+                 if isinstance(module, nn.ModuleList) and depth and len(module) == depth), [])
 
 
 def freeze_lower_layers(backbone: nn.Module, count: int) -> int:
@@ -307,10 +328,8 @@ def freeze_lower_layers(backbone: nn.Module, count: int) -> int:
     of ``num_hidden_layers`` blocks, and every parameter registered before the first one of layer ``count``
     (embeddings, their norm) is below it, as in every transformers encoder and decoder.
     """
-    depth = getattr(backbone.config, "num_hidden_layers", None)
-    layers = next((module for module in backbone.modules()
-                   if isinstance(module, nn.ModuleList) and depth and len(module) == depth), None)
-    if layers is None:
+    layers = transformer_layers(backbone)
+    if not layers:
         raise TextclfError(f"frozen_layers={count}: cannot find the layers of this {backbone.config.model_type} model")
     if count >= len(layers):
         raise TextclfError(f"frozen_layers={count}: the model has {len(layers)} layers; at least its top one must train")
@@ -403,7 +422,7 @@ def rebuild_from_state(folder: Path, state_file: Path) -> tuple[TextClassifier, 
 
 def save_classifier(model: TextClassifier, tokenizer: PreTrainedTokenizerBase, folder: Path,
                     run_config: dict[str, Any] | None = None) -> None:
-    """Write a self-contained model folder (with ``config.json``, given the run's ``RunConfig.to_dict()``).
+    """Write a self-contained model folder (with ``training_config.json``, given the run's ``RunConfig.to_dict()``).
     LoRA adapters are saved alone too, then merged into the backbone.
 
     Merging happens in place (the model keeps working and gives the same outputs); the written

@@ -23,7 +23,17 @@ class LoadedModel:
 
 
 def load_model_source(reference: str) -> LoadedModel:
-    """Detect what ``reference`` is and load it. Raises TextclfError when it is none of the known kinds."""
+    """Detect what ``reference`` is and load it onto the device a loaded model predicts on (the GPU when there is
+    one, as the pyfunc model does: textclf.serving.serving_device). Raises TextclfError when it is none of the
+    known kinds."""
+    loaded = _load(reference)
+    from textclf.serving import serving_device
+
+    loaded.model.to(serving_device())
+    return loaded
+
+
+def _load(reference: str) -> LoadedModel:
     if reference.startswith(("models:/", "runs:/")):
         import mlflow
 

@@ -3,14 +3,12 @@ and promotion of the best version by validation metric (never by test) to alias 
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import random
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Iterator
 
 import mlflow
 from mlflow import MlflowClient
@@ -19,7 +17,8 @@ from mlflow.exceptions import MlflowException
 
 from textclf.config import BEST_METRICS
 from textclf.errors import TextclfError
-from textclf.offline import connection_error
+from textclf.server_errors import connection_error
+from textclf.store import sqlite_lock
 
 log = logging.getLogger(__name__)
 
@@ -36,25 +35,65 @@ def registered_model_name(dataset: str) -> str:
     return f"textclf-{dataset}"
 
 
-def register_run_model(run_id: str, model_uri: str, config, best: dict, test: dict) -> str:
+def data_tags(splits) -> dict[str, str]:
+    """What a version was trained and validated on (``splits``: textclf.data.LabeledSplits): the dataset's digest
+    (its files, whatever part a run used) and the validation rows' digest and count. Versions are compared only
+    when validated on the same rows, and a dataset never joins a registered model of another one."""
+    return {"dataset_digest": splits.dataset_digest, "validation_digest": splits.digests()["validation"],
+            "validation_rows": str(len(splits.validation))}
+
+
+def register_run_model(run_id: str, model_uri: str, config, best: dict, test: dict,
+                       data: dict[str, str] | None = None) -> str:
     """Register the run's pyfunc model as a new version tagged with what promotion and users need.
 
     Every validation metric of the selected checkpoint is tagged (``validation_<metric>``), not only
-    the one that selected it (``validation_metric``), so the version competes on any metric."""
-    tags = {
-        "run_id": run_id,
-        "seed": str(config.seed),
-        "mode": config.mode,
-        "base_model": config.model.base_model,
-        "validation_metric": config.training.metric_for_best,
-        **{f"validation_{k}": repr(float(v)) for k, v in best.items() if k != "step"},
-        **{f"test_{k}": repr(float(v)) for k, v in test.items()},
-    }
+    the one that selected it (``validation_metric``), so the version competes on any metric; ``data`` is
+    :func:`data_tags`. Raises TextclfError when the registered model holds versions of another dataset."""
+    tags = {"seed": str(config.seed), "mode": config.mode, "base_model": config.model.base_model,
+            "validation_metric": config.training.metric_for_best, **(data or {})}
     name = registered_model_name(config.dataset_name)
-    version = mlflow.register_model(model_uri, name, tags=tags)
-    MlflowClient().update_model_version(name, version.version,
-                                        description=model_card(name, str(version.version), run_id, config, best, test))
-    return str(version.version)
+    version = register_version(run_id, model_uri, name, tags, best, test)
+    MlflowClient().update_model_version(name, version, description=model_card(name, version, run_id, config, best, test))
+    return version
+
+
+def register_version(run_id: str, model_uri: str, name: str, tags: dict[str, str], validation: dict,
+                     test: dict) -> str:
+    """Register ``model_uri`` as a version of ``name`` with ``tags``, the run id and every validation and test
+    metric (``validation_<metric>``, ``test_<metric>``); return its number. Raises TextclfError when ``name``
+    holds versions of another dataset (:func:`check_same_dataset`)."""
+    check_same_dataset(name, tags.get("dataset_digest"))
+    tags = {"run_id": run_id, **tags,
+            **{f"validation_{k}": repr(float(v)) for k, v in validation.items() if k != "step"},
+            **{f"test_{k}": repr(float(v)) for k, v in test.items()}}
+    return str(mlflow.register_model(model_uri, name, tags=tags).version)
+
+
+def check_same_dataset(name: str, dataset_digest: str | None) -> None:
+    """Raises TextclfError when registered model ``name`` holds versions trained on another dataset than the one
+    of ``dataset_digest`` (two data folders of the same name, or files changed since): their scores would be
+    ranked as one. Versions that recorded no digest (older ones) are not compared."""
+    if not dataset_digest:
+        return
+    client = MlflowClient()
+    try:
+        versions = client.search_model_versions(f"name = '{name}'")
+    except MlflowException as exc:
+        if getattr(exc, "error_code", None) == "RESOURCE_DOES_NOT_EXIST":
+            return
+        raise
+    others: dict[str, list[str]] = {}
+    for version in versions:
+        recorded = version.tags.get("dataset_digest")
+        if recorded and recorded != dataset_digest:
+            others.setdefault(recorded, []).append(str(version.version))
+    if others:
+        found = "; ".join(f"versions {', '.join(sorted(v, key=int))} of dataset {d}" for d, v in others.items())
+        raise TextclfError(
+            f"registered model {name!r} holds {found}, and this data is dataset {dataset_digest} (another folder "
+            "of the same name, or its files changed): rename the data folder to register it as a model of its own, "
+            "or pass register=false")
 
 
 def model_card(name: str, version: str, run_id: str, config, best: dict, test: dict) -> str:
@@ -90,18 +129,23 @@ class _Conflict(Exception):
 
 
 def promote(dataset: str, metric: str = "f1_macro", use_stage: bool = True,
-            registry_uri: str | None = None) -> Promotion:
+            registry_uri: str | None = None, validation_digest: str | None = None) -> Promotion:
     """Point alias ``champion`` at the version with the best validation ``metric`` (lowest ``loss``,
     highest of the others); with ``use_stage`` also make it the one version in stage Production
     (archiving the former one). Ties go to the oldest version (lowest number), so repeated calls
     choose the same version and change nothing.
+
+    Only versions validated on the same rows are compared (tag ``validation_digest``): when the candidates
+    were validated on different rows, ``validation_digest`` (or its first characters; ``unrecorded`` for
+    versions without the tag) names the group to rank.
 
     Safe to run concurrently: on a sqlite store promotions take a file lock beside the database;
     on any store a write that conflicts, or a final state that is not the one written, is retried
     after re-reading the registry.
 
     Raises TextclfError for an unknown metric, when no version has the tag, when a version's tag is
-    not a number (the ranking would be a guess), when the tracking server cannot be reached, and
+    not a number (the ranking would be a guess), when the candidates were validated on different rows and
+    ``validation_digest`` does not pick one group, when the tracking server cannot be reached, and
     when concurrent writers keep changing the champion.
     """
     if metric not in BEST_METRICS:
@@ -115,7 +159,7 @@ def promote(dataset: str, metric: str = "f1_macro", use_stage: bool = True,
         with _serialized(uri):
             for attempt in range(1, ATTEMPTS + 1):
                 try:
-                    return _promote_once(client, name, metric, use_stage)
+                    return _promote_once(client, name, metric, use_stage, validation_digest)
                 except (MlflowException, _Conflict) as exc:
                     if attempt == ATTEMPTS or not _retryable(exc):
                         raise
@@ -135,9 +179,11 @@ def promote(dataset: str, metric: str = "f1_macro", use_stage: bool = True,
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-def _promote_once(client: MlflowClient, name: str, metric: str, use_stage: bool) -> Promotion:
+def _promote_once(client: MlflowClient, name: str, metric: str, use_stage: bool,
+                  validation_digest: str | None) -> Promotion:
     versions = sorted(client.search_model_versions(f"name = '{name}'"), key=lambda v: int(v.version))
     candidates, skipped = _rank(versions, name, metric)
+    candidates, validated_on = _comparable(candidates, name, validation_digest)
     best, value = candidates[0]
     version = str(best.version)
     aliases = client.get_registered_model(name).aliases
@@ -160,7 +206,7 @@ def _promote_once(client: MlflowClient, name: str, metric: str, use_stage: bool)
     reason = (
         f"version {version} (run {_run_id(best)}, seed {best.tags.get('seed')}) has the best validation {metric} "
         f"= {value:.4f} ({'lower' if metric in LOWER_IS_BETTER else 'higher'} is better) "
-        f"among {n} version{'' if n == 1 else 's'}"
+        f"among {n} version{'' if n == 1 else 's'} validated on {validated_on}"
         + (f"; next best {candidates[1][1]:.4f}" if n > 1 else "")
         + (f"; skipped version{'' if len(skipped) == 1 else 's'} {', '.join(skipped)} (no validation_{metric} tag)"
            if skipped else "")
@@ -200,6 +246,36 @@ def _rank(versions: list[ModelVersion], name: str, metric: str) -> tuple[list[tu
     return candidates, skipped
 
 
+UNRECORDED = "unrecorded"  # the group of versions registered before textclf tagged their validation rows
+
+
+def _comparable(candidates: list[tuple[ModelVersion, float]], name: str,
+                validation_digest: str | None) -> tuple[list[tuple[ModelVersion, float]], str]:
+    """The candidates validated on the same rows (one ``validation_digest`` group), and those rows in words.
+
+    Raises TextclfError when they were validated on different rows and ``validation_digest`` picks no group
+    (a score on 300 rows and one on 872 do not rank two models), naming every group."""
+    groups: dict[str, list[tuple[ModelVersion, float]]] = {}
+    for version, value in candidates:
+        groups.setdefault(version.tags.get("validation_digest") or UNRECORDED, []).append((version, value))
+
+    def described(digest: str) -> str:
+        rows = groups[digest][0][0].tags.get("validation_rows")
+        return "rows not recorded" if digest == UNRECORDED else f"{rows} rows (digest {digest})"
+
+    chosen = list(groups)
+    if validation_digest:
+        chosen = [digest for digest in groups if digest.startswith(validation_digest)]
+    if len(chosen) != 1:
+        numbers = {d: sorted(int(v.version) for v, _ in g) for d, g in groups.items()}
+        listing = "; ".join(f"version{'s' if len(n) > 1 else ''} {', '.join(map(str, n))} on {described(d)}"
+                            for d, n in sorted(numbers.items(), key=lambda item: item[1]))
+        hint = (f"no group's digest starts with {validation_digest!r}" if validation_digest
+                else "pass validation_digest=<digest> to rank one group")
+        raise TextclfError(f"cannot rank {name!r}: its versions were validated on different rows ({listing}); {hint}")
+    return groups[chosen[0]], described(chosen[0])
+
+
 def _confirm(client: MlflowClient, name: str, version: str, use_stage: bool) -> None:
     """Re-read the registry: the alias (and the one Production version) must be what was written."""
     champion = str(client.get_registered_model(name).aliases.get(CHAMPION))
@@ -222,24 +298,7 @@ def _retryable(exc: BaseException) -> bool:
     return connection_error(exc) is None and getattr(exc, "error_code", None) not in _FINAL_CODES
 
 
-@contextlib.contextmanager
-def _serialized(uri: str) -> Iterator[None]:
-    """On a sqlite store, one promotion at a time: concurrent writers of alias ``champion`` collide on
-    its unique key. Same lock file as :func:`textclf.tracking.store_lock` (not imported: that module
-    pulls in torch, seconds for a registry call), so a promotion also waits for a first contact that
-    is creating the database. Any other store relies on the retry in :func:`promote`."""
-    if not uri.startswith("sqlite:///"):
-        yield
-        return
-    from filelock import FileLock, Timeout
-
-    path = uri[len("sqlite:///"):].split("?", 1)[0] + ".lock"
-    try:
-        lock = FileLock(path, timeout=LOCK_TIMEOUT_S)
-        lock.acquire()
-    except Timeout:
-        raise TextclfError(f"another promotion has held {path} for over {LOCK_TIMEOUT_S} s; try again") from None
-    try:
-        yield
-    finally:
-        lock.release()
+def _serialized(uri: str):
+    """On a sqlite store, one promotion at a time (textclf.store); any other store relies on the retry in
+    :func:`promote`. A promotion also waits for a first contact that is creating the database."""
+    return sqlite_lock(uri, timeout=LOCK_TIMEOUT_S)

@@ -1,4 +1,5 @@
-"""A tracking server's refusals (HTTP 401/403 from ``mlflow server --app-name basic-auth``) as one clear line.
+"""A tracking server's refusals (HTTP 401/403 from ``mlflow server --app-name basic-auth``) as one clear line, and
+telling a server that cannot be reached from one that answered.
 
 MLflow raises them as an ``MlflowException`` (``RestException`` when the body is JSON) with error code
 ``PERMISSION_DENIED`` or ``UNAUTHENTICATED``, or, from the artifact proxy, as a ``requests.HTTPError``;
@@ -20,6 +21,19 @@ from textclf.errors import TextclfError
 DENIED = {"PERMISSION_DENIED": 403}
 UNAUTHENTICATED = {"UNAUTHENTICATED": 401, "CUSTOMER_UNAUTHORIZED": 401}
 _ENDPOINT = re.compile(r"endpoint (\S+)|for url: (\S+)")
+
+
+def connection_error(exc: BaseException | None) -> BaseException | None:
+    """The connection error or timeout behind an exception (MLflow wraps requests' errors), if any."""
+    import requests
+
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, (requests.exceptions.ConnectionError, requests.exceptions.Timeout)):
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 def refusal_error(exc: BaseException) -> TextclfError | None:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import mlflow.pyfunc
 import numpy as np
@@ -131,11 +133,23 @@ def log_model(model_dir: Path, label_names: list[str], example_texts: list[str],
 
 def serving_device() -> str:
     """Where a loaded model predicts: the GPU when there is one (TEXTCLF_DEVICE=cpu forces the CPU)."""
-    import os
-
     import torch
 
     return os.environ.get("TEXTCLF_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@contextlib.contextmanager
+def forced_device(device: str) -> Iterator[None]:
+    """Models loaded inside this block predict on ``device``, whatever :func:`serving_device` would choose."""
+    previous = os.environ.get("TEXTCLF_DEVICE")
+    os.environ["TEXTCLF_DEVICE"] = device
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("TEXTCLF_DEVICE", None)
+        else:
+            os.environ["TEXTCLF_DEVICE"] = previous
 
 
 def pip_requirements() -> list[str]:

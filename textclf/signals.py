@@ -20,6 +20,7 @@ from typing import Iterator
 from transformers import TrainerCallback
 
 from textclf.errors import TrainingInterrupted
+from textclf.ranks import any_rank
 
 
 class _Interrupts:
@@ -69,19 +70,6 @@ class InterruptCallback(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if args.world_size == 1:  # between steps the ranks cannot agree without a collective of their own
             raise_if_interrupted()
-
-
-def any_rank(flag: bool, device) -> bool:
-    """Whether ``flag`` is set on any rank (one 1-element all-reduce, on the Trainer's device); ``flag`` itself
-    in a single process. Every rank must call it at the same point."""
-    import torch
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        return flag
-    reduced = torch.tensor([int(flag)], dtype=torch.int32, device=device)
-    dist.all_reduce(reduced, op=dist.ReduceOp.MAX)
-    return bool(reduced.item())
 
 
 @contextlib.contextmanager

@@ -17,7 +17,7 @@ import mlflow  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from textclf import checkpoints, tracking  # noqa: E402
-from textclf.config import DEFAULT_SEEDS, RunConfig, flatten, parse_seed  # noqa: E402
+from textclf.config import DEFAULT_SEEDS, RunConfig, parse_seed  # noqa: E402
 from textclf.errors import TextclfError  # noqa: E402
 from textclf.training import run_training  # noqa: E402
 
@@ -71,7 +71,7 @@ def run_sweep(base: RunConfig, seeds: list[int]) -> SweepResult:
     # Each seed trains in <output_dir>/<sweep name>/<child run name>: never in the folder a plain `train` of
     # the same seed uses, so neither overwrites the other's model and test report.
     children_dir = str(Path(base.output_dir) / name)
-    sweep_recipe = checkpoints.recipe(flatten(base), seeds=",".join(map(str, seeds)))
+    sweep_recipe = checkpoints.recipe(base, seeds=",".join(map(str, seeds)))
     record_path = Path(children_dir) / SWEEP_RECORD
     if record_path.exists():
         record = json.loads(record_path.read_text())

@@ -26,15 +26,14 @@ from transformers import TrainerCallback
 
 from textclf.config import RunConfig, flatten
 from textclf.errors import TextclfError, TrainingInterrupted
-from textclf.offline import OfflineRecords, connection_error
+from textclf.offline import OfflineRecords
+from textclf.ranks import is_main_process, max_over_ranks, sum_over_ranks
+from textclf.server_errors import connection_error
 from textclf.signals import interrupts_raise
-from textclf.evaluation import write_confusion
+from textclf.store import sqlite_lock
+from textclf.evaluation import log_misclassified, write_confusion, write_test_artifacts
 
 log = logging.getLogger(__name__)
-
-
-def is_main_process() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
 
 
 @contextlib.contextmanager
@@ -61,15 +60,16 @@ def tracked_run(
     # switch MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING=false turns them off.
     system_metrics = None if "MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING" in os.environ else True
     run = mlflow.start_run(run_name=None if attach else run_name, nested=nested, log_system_metrics=system_metrics)
-    if attach and run.info.experiment_id == "0":
-        log.warning("this run is in MLflow's Default experiment: pass --experiment-name %s to `mlflow run` "
-                    "to file it with the others", experiment_name)
-    # Also under `mlflow run`, which named the run itself (randomly): the name is the one the user asked for.
-    mlflow.set_tags({**tags, **process_tags(), "mlflow.runName": run_name})
     outer_records = _Offline.records
     _Offline.records = OfflineRecords(offline_dir, run.info.run_id) if offline_dir is not None else None
     try:
         with interrupts_raise():
+            if attach and run.info.experiment_id == "0":
+                log.warning("this run is in MLflow's Default experiment: pass --experiment-name %s to `mlflow run` "
+                            "to file it with the others", experiment_name)
+            # Inside the try: a run whose first tags fail ends FAILED, not RUNNING. Also under `mlflow run`, which
+            # named the run itself (randomly): the name is the one the user asked for.
+            mlflow.set_tags({**tags, **process_tags(), "mlflow.runName": run_name})
             yield run
     except (TrainingInterrupted, KeyboardInterrupt) as exc:
         _end_with_error("KILLED", exc)
@@ -84,6 +84,8 @@ def tracked_run(
     else:
         _end("FINISHED")
     finally:
+        if _Offline.records is not None:
+            _Offline.records.close()
         _Offline.records = outer_records
 
 
@@ -165,73 +167,58 @@ def process_is_alive(pid: int, started: str | None) -> bool:
         return True  # exists but cannot be inspected: assume alive, never end a live run
 
 
-def end_dead_runs(output_dir: str) -> list[str]:
-    """End KILLED the RUNNING runs for ``output_dir`` whose process is gone (``kill -9``, a power cut),
-    whatever their experiment. Runs of other hosts (whose processes cannot be checked from here) are left
-    alone. Returns the ids of the runs ended. Raises TextclfError when a live process of this host is
-    training into ``output_dir``."""
+def end_dead_runs(output_dir: str, status: str = "KILLED",
+                  reason: str = "died without ending the run; ended by the next start for its output folder",
+                  ended: tuple[str, ...] = (), since_ms: int = 0) -> list[str]:
+    """End ``status`` the RUNNING runs for ``output_dir`` whose process is gone (``kill -9``, a power cut, a
+    DeepSpeed rank torchrun killed), whatever their experiment; with ``ended``, also the runs already ended with
+    one of those statuses (the DeepSpeed launcher marks FAILED the run a rank ended KILLED because another rank
+    failed). Only runs started since ``since_ms``. Runs of other hosts (whose processes cannot be checked from
+    here) are left alone. Returns the ids of the runs ended. Raises TextclfError when a live process of this host
+    is training into ``output_dir``."""
     if not is_main_process():
         return []
     with store_lock():  # may be the first contact with a new store
         runs = mlflow.search_runs(search_all_experiments=True, output_format="list",
-                                  filter_string=f"tags.output_dir = '{output_dir}' and attributes.status = 'RUNNING'")
+                                  filter_string=f"tags.output_dir = '{output_dir}' and attributes.start_time >= "
+                                                f"{since_ms}")
     client = mlflow.MlflowClient()
-    ended = []
+    done = []
     for run in runs:
         tags = run.data.tags
-        if run.info.run_id == os.environ.get("MLFLOW_RUN_ID") or "textclf.pid" not in tags:
+        if run.info.status not in ("RUNNING", *ended) or run.info.run_id == os.environ.get("MLFLOW_RUN_ID"):
             continue
-        if tags.get("textclf.host") != socket.gethostname():
-            log.warning("run %s for %s is RUNNING on host %s: not ended from here", run.info.run_id, output_dir,
-                        tags.get("textclf.host"))
-            continue
-        if process_is_alive(int(tags["textclf.pid"]), tags.get("textclf.pid_started")):
-            # Two processes training into one folder would overwrite each other's checkpoints and model.
-            raise TextclfError(f"{output_dir}: run {run.info.run_id} of process {tags['textclf.pid']} is training "
-                               "into this folder now; wait for it, or choose another run_name or output_dir")
-        client.set_tag(run.info.run_id, "error", f"process {tags['textclf.pid']} died without ending the run; "
-                       "ended by the next start for its output folder")
-        client.set_terminated(run.info.run_id, "KILLED")
-        ended.append(run.info.run_id)
-    if ended:
-        log.warning("ended KILLED the runs of dead processes for %s: %s", output_dir, ", ".join(ended))
-    return ended
-
-
-def end_stale_runs(
-    experiment_name: str, output_dir: str, status: str = "KILLED", statuses: tuple[str, ...] = ("RUNNING",),
-    since_ms: int = 0, message: str = "process died without ending the run; ended when resuming",
-) -> list[str]:
-    """End the runs for ``output_dir`` whose process can no longer end them: still RUNNING after
-    ``kill -9``, or ended by a rank that was stopped because another rank failed. Returns their ids."""
-    if not is_main_process():
-        return []
-    experiment = mlflow.get_experiment_by_name(experiment_name)
-    if experiment is None:
-        return []
-    runs = mlflow.search_runs([experiment.experiment_id], output_format="list",
-                              filter_string=f"tags.output_dir = '{output_dir}' and attributes.start_time >= {since_ms}")
-    stale = [run for run in runs if run.info.status in statuses and run.info.run_id != os.environ.get("MLFLOW_RUN_ID")]
-    client = mlflow.MlflowClient()
-    for run in stale:
-        client.set_tag(run.info.run_id, "error", message)
+        if run.info.status == "RUNNING":
+            if "textclf.pid" not in tags:
+                continue
+            if tags.get("textclf.host") != socket.gethostname():
+                log.warning("run %s for %s is RUNNING on host %s: not ended from here", run.info.run_id, output_dir,
+                            tags.get("textclf.host"))
+                continue
+            if process_is_alive(int(tags["textclf.pid"]), tags.get("textclf.pid_started")):
+                # Two processes training into one folder would overwrite each other's checkpoints and model.
+                raise TextclfError(f"{output_dir}: run {run.info.run_id} of process {tags['textclf.pid']} is training "
+                                   "into this folder now; wait for it, or choose another run_name or output_dir")
+        client.set_tag(run.info.run_id, "error", f"process {tags.get('textclf.pid', '?')} {reason}")
         client.set_terminated(run.info.run_id, status)
-    return [run.info.run_id for run in stale]
+        done.append(run.info.run_id)
+    if done:
+        log.warning("ended %s the runs of dead processes for %s: %s", status, output_dir, ", ".join(done))
+    return done
 
 
-@contextlib.contextmanager
-def store_lock() -> Iterator[None]:
-    """Serialize first contact with a local sqlite store: two processes creating (migrating) the same
-    new database, or the same experiment, at once fail in MLflow 3.17."""
-    uri = mlflow.get_tracking_uri()
-    if not uri.startswith("sqlite:///"):
-        yield
-        return
-    from filelock import FileLock
+def store_lock():
+    """Serialize first contact with a local sqlite store (textclf.store): it may create the database."""
+    return sqlite_lock(first_contact=True)
 
-    with FileLock(uri[len("sqlite:///"):] + ".lock", timeout=300):
-        mlflow.MlflowClient().search_experiments(max_results=1)  # creates and migrates the database
-        yield
+
+def check_registrable(dataset: str, dataset_digest: str) -> None:
+    """Raises TextclfError when textclf-<dataset> holds versions of another dataset (textclf.registry)."""
+    from textclf.registry import check_same_dataset, registered_model_name
+
+    if is_main_process():
+        with store_lock():  # may be the first contact with a new store
+            check_same_dataset(registered_model_name(dataset), dataset_digest)
 
 
 def _end_with_error(status: str, exc: BaseException) -> None:
@@ -306,6 +293,20 @@ def log_dataset(frame: pd.DataFrame, source: str, name: str, context: str) -> No
     mlflow.log_input(dataset, context=context)
 
 
+def log_test_results(folder: Path, texts: list[str], labels: list[int], probabilities, label_names: list[str],
+                     uncalibrated=None) -> dict[str, float]:
+    """Score test predictions, write the test artifacts into ``folder`` (textclf.evaluation.write_test_artifacts)
+    and log them to the active run: ``test/*`` metrics, the ``test/`` artifacts and the table of misclassified
+    rows (kept on disk while the tracking server is unreachable). Returns the metrics. The one way a trained run,
+    ``evaluate`` and the zero-shot baseline report a test split."""
+    metrics = write_test_artifacts(folder, texts, labels, probabilities, label_names, uncalibrated=uncalibrated)
+    log_metrics({f"test/{k}": v for k, v in metrics.items()})
+    log_artifacts(folder, artifact_path="test")
+    keep_or_call("misclassified", lambda: log_misclassified(texts, labels, probabilities, label_names),
+                 predictions=str((folder / "predictions.parquet").resolve()), label_names=label_names)
+    return metrics
+
+
 def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
     finite = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)}
     if finite and is_main_process():
@@ -322,6 +323,10 @@ class MlflowTrainingCallback(TrainerCallback):
     """Logs Trainer events to the active run with steps, one confusion matrix per evaluation,
     throughput (samples/s, tokens/s, padding fraction, peak memory), and stops on a NaN/inf loss.
 
+    Throughput counts the rows and tokens of every rank (each rank counts its own; they are summed when the
+    Trainer logs, on every rank at the same step) over the time spent in training steps: evaluations, saves
+    and logging (artifact uploads) are not training.
+
     Written by hand rather than transformers' MLflowCallback: that one starts runs itself, names
     metrics its own way, and logs no confusion matrices or throughput.
     """
@@ -331,13 +336,19 @@ class MlflowTrainingCallback(TrainerCallback):
     def __init__(self, counts, evaluation_state: dict[str, Any]):
         self.counts = counts  # the rows and tokens trained on (trainer_setup.BatchCounts, filled by the Trainer)
         self.evaluation_state = evaluation_state  # filled by compute_metrics with the latest confusion
-        self.started = 0.0
+        self.step_started = 0.0
+        self.train_seconds = 0.0  # in training steps (forward, backward, optimizer) since this process began
         self.eval_seconds = 0.0
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self.started = time.perf_counter()
-        self.eval_seconds = 0.0
+        self.train_seconds = self.eval_seconds = 0.0
         self.counts.reset()
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.step_started = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.train_seconds += time.perf_counter() - self.step_started
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         logs = logs or {}
@@ -349,24 +360,33 @@ class MlflowTrainingCallback(TrainerCallback):
         metrics.update({f"eval/{k[5:]}": v for k, v in logs.items() if k.startswith("eval_") and "runtime" not in k
                         and "per_second" not in k})
         if "loss" in logs:
-            metrics.update(self.throughput())
+            metrics.update(self.throughput(args.device))
         if "train_runtime" in logs:  # the Trainer's last log: wall time of train(), evaluations included
-            metrics.update({"train/runtime_seconds": logs["train_runtime"], "train/eval_seconds": self.eval_seconds})
+            metrics.update({"train/runtime_seconds": logs["train_runtime"], "train/eval_seconds": self.eval_seconds,
+                            "train/step_seconds": self.step_seconds(args.device)})
         log_metrics(metrics, step=state.global_step)
 
-    def throughput(self) -> dict[str, float]:
-        seconds = max(time.perf_counter() - self.started - self.eval_seconds, 1e-9)
-        counts = self.counts
+    def step_seconds(self, device) -> float:
+        """The run's time in training steps: the slowest rank's (every rank calls this at the same step)."""
+        return max_over_ranks([max(self.train_seconds, 1e-9)], device)[0]
+
+    def throughput(self, device) -> dict[str, float]:
+        """Every rank calls this at the same step: its counts are summed over the ranks (one all-reduce) and
+        divided by the run's time in training steps."""
+        totals = self.counts.totals()
+        samples, real, padded = sum_over_ranks([totals["samples"], totals["real_tokens"], totals["padded_tokens"]],
+                                               device)
+        seconds = self.step_seconds(device)
         return {
-            "train/samples_per_second": counts.samples / seconds,
-            "train/tokens_per_second": counts.real_tokens / seconds,
-            "train/pad_fraction": 1 - counts.real_tokens / max(counts.padded_tokens, 1),
+            "train/samples_per_second": samples / seconds,
+            "train/tokens_per_second": real / seconds,
+            "train/pad_fraction": 1 - real / max(padded, 1),
             "train/peak_memory_mb": peak_memory_mb(),
         }
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         latest = self.evaluation_state.get("confusion")
-        if latest is None or not state.is_world_process_zero:
+        if latest is None or not is_main_process():
             return
         with tempfile.TemporaryDirectory() as tmp:
             for path in write_confusion(latest, Path(tmp) / f"confusion_matrix_step_{state.global_step}",

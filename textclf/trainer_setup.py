@@ -1,7 +1,7 @@
 """The parts of a training run that the recipe (:mod:`textclf.training`) wires together, and that the bench
 reuses so it times what ``train`` runs: precision and device, the prepared inputs (:func:`prepare`), the
 Trainer's arguments, collator and optimizer groups, the rows and tokens it trains on, evaluation metrics,
-the head's input calibration, and taking up a run whose last checkpoint was written.
+the standardization of the head's input, and taking up a run whose last checkpoint was written.
 """
 
 from __future__ import annotations
@@ -29,11 +29,11 @@ from textclf.model import TextClassifier, build_classifier, load_trained_state, 
 log = logging.getLogger(__name__)
 
 
-def cpu_has_fast_bf16() -> bool:
+def cpu_has_fast_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
     """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX). Without it, torch emulates
     bf16 and a matmul runs about 400x slower than fp32 (measured on a 2-core AMD EPYC with AVX2 only)."""
     try:
-        flags = Path("/proc/cpuinfo").read_text()
+        flags = cpuinfo.read_text()
     except OSError:
         return False
     return any(flag in flags for flag in ("avx512_bf16", "amx_bf16"))
@@ -150,25 +150,40 @@ def training_collator(tokenizer) -> DataCollatorWithPadding:
 @dataclass
 class BatchCounts:
     """Rows and tokens of the training micro-batches this process ran, for throughput metrics (the Trainer
-    reports no tokens/s): each micro-batch of a gradient-accumulation step, only this rank's under DeepSpeed."""
+    reports no tokens/s): each micro-batch of a gradient-accumulation step, only this rank's under DeepSpeed.
+    ``attention_pairs`` sums each row's squared real length, the query-key pairs useful attention computes.
+
+    Token counts stay tensors on the batch's device until read (:meth:`totals`): reading them per micro-batch
+    would wait for the GPU at every step."""
 
     samples: int = 0
-    real_tokens: int = 0
+    real_tokens: Any = 0  # an int, or a tensor on the batch's device once a batch was counted
     padded_tokens: int = 0
+    attention_pairs: Any = 0
 
     def add(self, batch: dict[str, Any]) -> None:
-        input_ids, mask = batch["input_ids"], batch.get("attention_mask")
+        input_ids = batch["input_ids"]
+        mask = batch.get("attention_mask")
+        lengths = mask.sum(dim=1) if mask is not None else torch.full((input_ids.shape[0],), input_ids.shape[1],
+                                                                      device=input_ids.device)
         self.samples += int(input_ids.shape[0])
-        self.real_tokens += int(mask.sum()) if mask is not None else int(input_ids.numel())
-        self.padded_tokens += int(mask.numel()) if mask is not None else int(input_ids.numel())
+        self.real_tokens = self.real_tokens + lengths.sum()
+        self.padded_tokens += int(input_ids.numel())
+        self.attention_pairs = self.attention_pairs + (lengths.double() ** 2).sum()
+
+    def totals(self) -> dict[str, float]:
+        """Everything counted so far, as numbers."""
+        return {"samples": float(self.samples), "real_tokens": float(self.real_tokens),
+                "padded_tokens": float(self.padded_tokens), "attention_pairs": float(self.attention_pairs)}
 
     def reset(self) -> None:
-        self.samples = self.real_tokens = self.padded_tokens = 0
+        self.samples = self.real_tokens = self.padded_tokens = self.attention_pairs = 0
 
 
 class ClassifierTrainer(Trainer):
-    """The Trainer with three changes: the classification head may learn at its own rate, a LoRA checkpoint
-    holds only what training changes, and the rows and tokens of each training batch are counted.
+    """The Trainer with four changes: the classification head may learn at its own rate, a LoRA checkpoint
+    holds only what training changes, the rows and tokens of each training batch are counted, and only a
+    saved step can become the best one.
 
     Overriding ``create_optimizer`` (rather than passing ``optimizers=``) keeps one code path for plain
     training and DeepSpeed, which calls it when its config names no optimizer.
@@ -199,8 +214,28 @@ class ClassifierTrainer(Trainer):
             optimizer_class, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, model)
             groups = parameter_groups(model, self.args.learning_rate, self.head_learning_rate or self.args.learning_rate,
                                       self.args.weight_decay, set(self.get_decay_parameter_names(model)))
+            if self._offloads_optimizer():
+                # ZeRO-Offload keeps the optimizer state on the CPU, where DeepSpeed accepts only its own vectorized
+                # CPU Adam (a torch optimizer there is refused as slow); AdamW's settings carry over.
+                from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+                optimizer_class = DeepSpeedCPUAdam
+                optimizer_kwargs = {k: v for k, v in optimizer_kwargs.items() if k in ("lr", "betas", "eps")}
             self.optimizer = optimizer_class(groups, **optimizer_kwargs)
         return self.optimizer
+
+    def _offloads_optimizer(self) -> bool:
+        config = self.args.hf_deepspeed_config.config if self.is_deepspeed_enabled else {}
+        return config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device") == "cpu"
+
+    def _determine_best_metric(self, metrics: dict[str, float], trial) -> bool:
+        # transformers 5 makes every evaluation the best one if it scores highest, saved or not, but moves
+        # best_model_checkpoint only to a folder that exists: after an unsaved high score, no later saved
+        # checkpoint could be selected, and early stopping counted from a score no checkpoint holds. Only an
+        # evaluation of a step saved now competes (the Trainer saves right after this call).
+        if not self.control.should_save:
+            return False
+        return super()._determine_best_metric(metrics, trial)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         # A given state_dict comes from an engine (DeepSpeed's gathered weights): saved as it is.
@@ -265,7 +300,7 @@ def best_validation_metrics(trainer: Trainer) -> dict[str, float]:
     return best
 
 
-def calibrate_head(model, encoder: PromptEncoder, texts, count: int, seed: int, device: torch.device,
+def standardize_head_inputs(model, encoder: PromptEncoder, texts, count: int, seed: int, device: torch.device,
                    partitioned: bool = False) -> None:
     """Standardize the head's input on ``count`` training rows (the same rows on every rank), on the
     training device (the Trainer would move the model there anyway).
@@ -287,7 +322,7 @@ def calibrate_head(model, encoder: PromptEncoder, texts, count: int, seed: int, 
     else:
         model.to(device)
     with gathered:
-        rows = model.calibrate(batches)
+        rows = model.standardize_head_inputs(batches)
     log.info("head input standardized on %d training rows", rows)
 
 
@@ -303,8 +338,12 @@ def restore_finished_training(trainer: Trainer, model, checkpoint: Path, partiti
     if partitioned:
         raise TextclfError(f"{checkpoint}: is the last step of its run, which did not finish; DeepSpeed cannot take it "
                            "up without training past max_steps: evaluate it with `evaluate`, or choose another run_name")
+    from textclf.callbacks import select_best_saved
+
     trainer.state = TrainerState.load_from_json(str(checkpoint / "trainer_state.json"))
+    # Re-chosen among the folder's checkpoints: the folder may have moved since the state was written.
+    select_best_saved(trainer.state, checkpoint.parent, trainer.args.metric_for_best_model,
+                      trainer.args.greater_is_better)
     best = Path(trainer.state.best_model_checkpoint or checkpoint)
-    best = checkpoint.parent / best.name  # the folder may have moved since the state was written
     load_trained_state(model, best / WEIGHTS_FILE)
     log.info("%s is the last step of the schedule: nothing left to train; best checkpoint %s", checkpoint, best.name)

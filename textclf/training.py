@@ -19,17 +19,17 @@ import mlflow
 from transformers.trainer_callback import EarlyStoppingCallback, ProgressCallback
 
 from textclf import checkpoints, offline, serving, signals, tracking
-from textclf.callbacks import CheckpointCallback, TimeBudgetCallback
+from textclf.callbacks import BestOfResumedRun, CheckpointCallback, TimeBudgetCallback
 from textclf.config import RunConfig
 from textclf.console import ConsoleProgress
 from textclf.data import load_splits
-from textclf.deepspeed import consolidate
-from textclf.evaluation import write_test_artifacts
+from textclf.deepspeed import consolidate, leave_process_group
 from textclf.inference import Predictor
 from textclf.model import save_classifier
+from textclf.ranks import is_main_process
 from textclf.threads import configure_threads
-from textclf.trainer_setup import (BatchCounts, ClassifierTrainer, best_validation_metrics, calibrate_head,
-                                   make_compute_metrics, prepare, resolve_precision, restore_finished_training,
+from textclf.trainer_setup import (BatchCounts, ClassifierTrainer, best_validation_metrics, make_compute_metrics,
+                                   prepare, resolve_precision, restore_finished_training, standardize_head_inputs,
                                    training_arguments, training_collator)
 
 log = logging.getLogger(__name__)
@@ -69,6 +69,8 @@ def run_training(
         if not nested:
             tracking.discard_attached_run(f"{output_dir} had already finished as run {result.run_id}")
         return result
+    if config.register:  # before training, not after: a run that could not be registered would be wasted
+        tracking.check_registrable(config.dataset_name, splits.dataset_digest)
     resume_from = plan.resume_from
     tags = {"dataset": config.dataset_name, "mode": config.mode, "seed": str(config.seed),
             "base_model": config.model.base_model, "output_dir": str(output_dir.resolve()), **(extra_tags or {})}
@@ -85,15 +87,16 @@ def run_training(
         model, tokenizer = prepared.model, prepared.tokenizer
         model.spec.extra["precision"] = precision
         tracking.log_metrics(prepared.data_metrics())
-        if config.model.calibration_samples:
-            calibrate_head(model, prepared.encoder, splits.train["text"], config.model.calibration_samples,
-                           config.seed, args.device, partitioned=deepspeed is not None)
+        if config.model.standardization_samples:
+            standardize_head_inputs(model, prepared.encoder, splits.train["text"],
+                                    config.model.standardization_samples, config.seed, args.device,
+                                    partitioned=deepspeed is not None)
         if config.training.gradient_checkpointing:
             model.gradient_checkpointing_enable()
         counts, evaluation_state = BatchCounts(), {}
         callbacks = [signals.InterruptCallback(),  # first: no other callback acts on an interrupted step
                      tracking.MlflowTrainingCallback(counts, evaluation_state),
-                     CheckpointCallback(model.spec, run_recipe, config.to_dict())]
+                     CheckpointCallback(model.spec, run_recipe, config.to_dict()), BestOfResumedRun()]
         if config.training.max_train_minutes:
             callbacks.append(TimeBudgetCallback(config.training.max_train_minutes))
         if config.training.early_stopping_patience:
@@ -115,7 +118,13 @@ def run_training(
         tracking.log_metrics({f"best/{k}": v for k, v in best.items()})
         if deepspeed is not None:
             model = consolidate(trainer, model, output_dir / "consolidated")
-        result = finish_run(config, trainer, model, tokenizer, splits, best, run, output_dir)
+            # The ranks part here: what is left (calibration, test, logging) is rank 0's alone and may take long, so
+            # no rank waits for it in a collective with a timeout. Rank 0 finishes on its training device with the
+            # cores the others leave.
+            leave_process_group()
+            if model is not None:
+                model.to(args.device)
+        result = finish_run(config, model, tokenizer, splits, best, run, output_dir)
     if any(record["run_id"] == result.run_id for record in offline.pending(output_dir)):
         result.offline_records = output_dir / offline.FOLDER
     if run is not None:
@@ -129,14 +138,13 @@ def run_training(
     return result
 
 
-def finish_run(config, trainer, model, tokenizer, splits, best, run, output_dir: Path) -> TrainingResult:
+def finish_run(config, model, tokenizer, splits, best, run, output_dir: Path) -> TrainingResult:
     """Calibrate the selected model's scores on validation, save it, test it, log it as the pyfunc model,
     and register it (rank 0 only)."""
     from textclf.calibration import TEMPERATURE_KEY, calibrate, softmax
-    from textclf.evaluation import log_misclassified
 
     result = TrainingResult(run.info.run_id if run else None, output_dir / "model", best, {})
-    if not trainer.is_world_process_zero():
+    if not is_main_process():
         return result
     model = model.float().eval()
     predictor = Predictor(model, tokenizer, batch_size=config.training.eval_batch_size, progress=True)
@@ -161,27 +169,22 @@ def finish_run(config, trainer, model, tokenizer, splits, best, run, output_dir:
         texts, labels = splits.test["text"].tolist(), splits.test["label"].tolist()
         logits = predictor.logits(texts)
         probabilities = softmax(logits, predictor.temperature)  # = predictor.predict_proba(texts), one pass
-        test_dir = output_dir / "test"
-        result.test_metrics = write_test_artifacts(test_dir, texts, labels, probabilities, splits.label_names,
-                                                   uncalibrated=softmax(logits) if fitted else None)
-        if run is not None:
-            tracking.log_metrics({f"test/{k}": v for k, v in result.test_metrics.items()})
-            tracking.log_artifacts(test_dir, artifact_path="test")
-            tracking.keep_or_call("misclassified", lambda: log_misclassified(texts, labels, probabilities, splits.label_names),
-                                  predictions=str((test_dir / "predictions.parquet").resolve()),
-                                  label_names=splits.label_names)
+        result.test_metrics = tracking.log_test_results(output_dir / "test", texts, labels, probabilities,
+                                                        splits.label_names, uncalibrated=softmax(logits) if fitted else None)
     if run is not None:
         examples = splits.validation["text"].tolist()[:3]
         result.model_uri = tracking.keep_or_call(
             "model", lambda: serving.log_model(result.model_dir, splits.label_names, examples),
             model_dir=str(result.model_dir.resolve()), label_names=splits.label_names, examples=examples)
         if config.register:
-            from textclf.registry import register_run_model, registered_model_name
+            from textclf.registry import data_tags, register_run_model, registered_model_name
 
+            data = data_tags(splits)
             result.registered_model = registered_model_name(config.dataset_name)
             result.registered_version = tracking.keep_or_call(
-                "register", lambda: register_run_model(run.info.run_id, result.model_uri, config, best, result.test_metrics),
-                config=config.to_dict(), best=best, test=result.test_metrics, model_uri=result.model_uri)
+                "register", lambda: register_run_model(run.info.run_id, result.model_uri, config, best,
+                                                       result.test_metrics, data),
+                config=config.to_dict(), best=best, test=result.test_metrics, model_uri=result.model_uri, data=data)
     log.info("best validation %s; test %s", best, result.test_metrics)
     return result
 
