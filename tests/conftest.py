@@ -2,51 +2,72 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # a hub id must fail fast, never download
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The MLflow servers the tests start (outage, team server, UI) need no job runner: it is MLflow's GenAI evaluation
+# queue, seven more processes per server that textclf never uses.
+os.environ["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
 
 REPO = Path(__file__).resolve().parent.parent
 SST2 = REPO / "data" / "datasets" / "sst2" / "data"
 
 
-# Tests that train a model (they ask for a dataset to train on) take seconds to minutes each: `slow`, so
-# that `make test-fast` (everything else) stays under 3 minutes. Other long tests are marked where they are.
-TRAINING_FIXTURES = {"tiny_dataset", "named_dataset", "swept", "trained"}
+# Tests are marked `slow` by what they do (train a model, start subprocesses or servers, wait), where they are
+# defined; `make test-fast` runs the rest, under 3 minutes.
 
 
-def pytest_collection_modifyitems(config, items):
-    for item in items:
-        if TRAINING_FIXTURES & set(getattr(item, "fixturenames", ())):
-            item.add_marker(pytest.mark.slow)
+@contextlib.contextmanager
+def tracking_store(folder: Path) -> Iterator[str]:
+    """Make ``folder`` the working folder and the home of a real MLflow store (sqlite + artifacts) until the block
+    ends; everything set is put back then, MLflow's own current URIs included."""
+    import mlflow
+
+    previous = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(folder)
+        patch.setenv("MLFLOW_TRACKING_URI", uri)
+        patch.delenv("MLFLOW_RUN_ID", raising=False)
+        patch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
+        # set_*_uri also write MLFLOW_*_URI into os.environ: through the patch, so they do not leak into later
+        # tests' subprocesses (a leaked registry URI sent a later test's versions to this test's store).
+        patch.setenv("MLFLOW_REGISTRY_URI", uri)
+        mlflow.set_tracking_uri(uri)
+        mlflow.set_registry_uri(uri)
+        # MLflow remembers the active experiment id across stores: a test that set one must not send the next
+        # test's runs to an id its new store does not have.
+        mlflow.set_experiment(experiment_id="0")
+        try:
+            yield uri
+        finally:
+            while mlflow.active_run():
+                mlflow.end_run()
+            mlflow.set_tracking_uri(previous[0])
+            mlflow.set_registry_uri(previous[1])
 
 
 @pytest.fixture
-def mlflow_store(tmp_path, monkeypatch):
+def mlflow_store(tmp_path):
     """A real MLflow store (sqlite + artifacts) in a temp folder, which is also the working folder."""
-    import mlflow
+    with tracking_store(tmp_path) as uri:
+        yield uri
 
-    monkeypatch.chdir(tmp_path)
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
-    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
-    # set_*_uri also write MLFLOW_*_URI into os.environ: through monkeypatch, so they do not leak into later
-    # tests' subprocesses (a leaked registry URI sent a later test's versions to this test's store).
-    monkeypatch.setenv("MLFLOW_REGISTRY_URI", uri)
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    # MLflow remembers the active experiment id across stores: a test that set one must not send the next
-    # test's runs to an id its new store does not have.
-    mlflow.set_experiment(experiment_id="0")
-    yield uri
-    while mlflow.active_run():
-        mlflow.end_run()
+
+def copy_of_store(source: Path, target: Path) -> Path:
+    """A copy of a folder that holds a store and the outputs of its runs, for a test that changes them. The
+    store's artifacts stay where they were logged (MLflow records absolute artifact locations): a test adds
+    runs of its own there, under new ids, and reads the others'."""
+    shutil.copytree(source, target, symlinks=True)
+    return target
 
 
 def build_tiny_llama(folder: Path, with_pad_token: bool = True) -> Path:
@@ -129,11 +150,15 @@ def sentiment_rows(n: int, offset: int = 0) -> list[dict]:
     return rows
 
 
-@pytest.fixture
-def tiny_dataset(tmp_path) -> Path:
-    """train/dev/test JSON Lines with integer labels 0/1 named by the folder 'tinysent'."""
-    folder = tmp_path / "tinysent"
+def write_tiny_dataset(parent: Path) -> Path:
+    """train/dev/test JSON Lines with integer labels 0/1 in ``parent/tinysent`` (the dataset 'tinysent')."""
+    folder = parent / "tinysent"
     write_jsonl(folder / "train.jsonl", sentiment_rows(48))
     write_jsonl(folder / "dev.jsonl", sentiment_rows(16, 1000))
     write_jsonl(folder / "test.jsonl", sentiment_rows(16, 2000))
     return folder
+
+
+@pytest.fixture
+def tiny_dataset(tmp_path) -> Path:
+    return write_tiny_dataset(tmp_path)

@@ -1,7 +1,8 @@
 """A tracking server that goes away in the middle of a training: nothing is lost.
 
 Against a real `mlflow server` (sqlite behind it, proxied artifacts) on a loopback port, stopped and started
-again by the test."""
+again by the test: a short outage that MLflow's own retries ride out, and one that outlasts them, where textclf's
+journal takes over (tests/test_offline.py drives the journal and `textclf sync` in depth, in process)."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from textclf.deepspeed import free_port
 
 pytestmark = pytest.mark.slow
 
-STEPS, EVAL_EVERY = 40, 4
+STEPS, EVAL_EVERY = 16, 4
 
 
 class Server:
@@ -88,11 +89,11 @@ def assert_everything_recorded(run_id: str) -> None:
     assert str(client.get_model_version("textclf-tinysent", "1").run_id) == run_id
 
 
-def test_a_60_second_outage_only_pauses_training(tmp_path, server, tiny_dataset, tiny_llama):
+def test_a_short_outage_only_pauses_training(tmp_path, server, tiny_dataset, tiny_llama):
     training = start_training(tmp_path, tiny_dataset, tiny_llama, server)
     wait_for(tmp_path / "out/run/checkpoint-4/COMPLETE", training)
     server.stop()
-    time.sleep(60)
+    time.sleep(5)  # MLflow's client keeps retrying (its default: 7 retries over about four minutes)
     server.start()
     output, _ = training.communicate(timeout=900)
     assert training.returncode == 0, output[-3000:]

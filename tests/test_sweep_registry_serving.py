@@ -15,7 +15,7 @@ import pytest
 from click.testing import CliRunner
 from mlflow import MlflowClient
 
-from conftest import wait_until_answers
+from conftest import tracking_store, wait_until_answers, write_tiny_dataset
 from entrypoints.predict import predict
 from entrypoints.sweep import sweep
 from test_mlproject import mlflow_env
@@ -26,14 +26,26 @@ TINY = ["--logging_steps", "1", "--batch_size", "8", "--eval_batch_size", "16", 
         "--learning_rate", "5e-3"]
 
 
+@pytest.fixture(scope="module")
+def swept_store(tmp_path_factory, tiny_llama) -> Path:
+    """A store holding one two-seed sweep, made once for the tests of this module, which only read it and promote
+    (the same champion each time)."""
+    folder = tmp_path_factory.mktemp("swept")
+    with tracking_store(folder):
+        dataset = write_tiny_dataset(folder)
+        result = CliRunner().invoke(sweep, ["--seeds", "0,42", "--data_path", str(dataset), "--base_model", tiny_llama,
+                                            *TINY], catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+    return folder
+
+
 @pytest.fixture
-def swept(mlflow_store, tiny_dataset, tiny_llama):
-    result = CliRunner().invoke(sweep, ["--seeds", "0,42", "--data_path", str(tiny_dataset), "--base_model", tiny_llama,
-                                        *TINY], catch_exceptions=False)
-    assert result.exit_code == 0, result.output
-    return MlflowClient()
+def swept(swept_store):
+    with tracking_store(swept_store):
+        yield MlflowClient()
 
 
+@pytest.mark.slow
 def test_sweep_parent_aggregates_its_children(swept):
     client = swept
     runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
@@ -51,6 +63,7 @@ def test_sweep_parent_aggregates_its_children(swept):
     assert {"sweep/seeds.json", "sweep/validation_curves.png"} <= paths
 
 
+@pytest.mark.slow
 def test_a_failing_seed_is_reported_and_the_rest_aggregated(mlflow_store, tiny_dataset, tiny_llama, monkeypatch):
     import textclf.sweep as sweep_module
 
@@ -71,6 +84,7 @@ def test_a_failing_seed_is_reported_and_the_rest_aggregated(mlflow_store, tiny_d
     assert parent.data.metrics["sweep/test_accuracy_std"] == 0.0  # one seed left
 
 
+@pytest.mark.slow
 def test_pyfunc_by_alias_and_bad_inputs(swept):
     from textclf.registry import promote as promote_best
 
@@ -97,6 +111,7 @@ def test_pyfunc_by_alias_and_bad_inputs(swept):
     assert isinstance(python_model, TextClassifierPyfunc)
 
 
+@pytest.mark.slow
 def test_predict_files(swept, tmp_path):
     from textclf.registry import promote as promote_best
 
