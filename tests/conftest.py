@@ -33,6 +33,8 @@ def tracking_store(folder: Path) -> Iterator[str]:
 
     previous = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
     uri = f"sqlite:///{folder / 'mlflow.db'}"
+    if not (folder / "mlflow.db").exists():
+        new_store(folder)
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(folder)
         patch.setenv("MLFLOW_TRACKING_URI", uri)
@@ -53,6 +55,27 @@ def tracking_store(folder: Path) -> Iterator[str]:
                 mlflow.end_run()
             mlflow.set_tracking_uri(previous[0])
             mlflow.set_registry_uri(previous[1])
+
+
+_TEMPLATE: dict[str, Path] = {}
+
+
+def new_store(folder: Path) -> None:
+    """An empty MLflow sqlite store in ``folder``, copied from one this process created: creating one (MLflow's
+    migrations) takes a second or more, a copy milliseconds. Its Default experiment's artifacts go to ``folder``."""
+    import sqlite3
+
+    import mlflow
+
+    if "db" not in _TEMPLATE:
+        import tempfile
+
+        template = Path(tempfile.mkdtemp(prefix="mlflow-store-template-")) / "mlflow.db"
+        mlflow.MlflowClient(tracking_uri=f"sqlite:///{template}").search_experiments(max_results=1)
+        _TEMPLATE["db"] = template
+    shutil.copy(_TEMPLATE["db"], folder / "mlflow.db")
+    with contextlib.closing(sqlite3.connect(folder / "mlflow.db")) as db, db:
+        db.execute("UPDATE experiments SET artifact_location = ? WHERE experiment_id = 0", (str(folder / "mlruns" / "0"),))
 
 
 @pytest.fixture
