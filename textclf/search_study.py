@@ -39,6 +39,7 @@ JOURNAL_FILE = "optuna.journal"
 MAX_RETRIES = 3  # a configuration whose process dies this often is counted as failed
 HEARTBEAT_SECONDS = 60  # RDB storages: a trial without a heartbeat for GRACE_SECONDS is failed and retried
 GRACE_SECONDS = 180
+STORAGE_ATTEMPTS = 3
 UNCLAIMED_SECONDS = 300  # a RUNNING trial that never recorded its process (killed within ms of starting)
 
 # Trial user attributes written by textclf.
@@ -69,14 +70,21 @@ def open_storage(url: str | None, study_dir: Path, on_stale: Callable[[optuna.St
         path = Path(url) if url else study_dir / JOURNAL_FILE
         path.parent.mkdir(parents=True, exist_ok=True)
         return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(path)))
-    try:
-        with quiet_experimental():  # heartbeats are experimental since Optuna 2.9
-            return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True},
-                                              heartbeat_interval=HEARTBEAT_SECONDS, grace_period=GRACE_SECONDS,
-                                              heartbeat_stale_trial_callback=on_stale)
-    except Exception as exc:  # noqa: BLE001 - SQLAlchemy's and the drivers' errors have no common base
-        first_line = redact(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
-        raise TextclfError(f"cannot open the study storage {redact(url)}: {first_line}") from None
+    # Two workers that open a new database at once both create Optuna's tables, and one fails on a duplicate
+    # key (measured on PostgreSQL 15): the tables exist when it tries again.
+    for attempt in range(1, STORAGE_ATTEMPTS + 1):
+        try:
+            with quiet_experimental():  # heartbeats are experimental since Optuna 2.9
+                return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True},
+                                                  heartbeat_interval=HEARTBEAT_SECONDS, grace_period=GRACE_SECONDS,
+                                                  heartbeat_stale_trial_callback=on_stale)
+        except Exception as exc:  # noqa: BLE001 - SQLAlchemy's and the drivers' errors have no common base
+            if attempt < STORAGE_ATTEMPTS:
+                log.info("opening the study storage failed (%s); trying again", type(exc).__name__)
+                time.sleep(attempt)
+                continue
+            first_line = redact(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
+            raise TextclfError(f"cannot open the study storage {redact(url)}: {first_line}") from None
 
 
 def make_sampler(name: str, grid: dict[str, list] | None):
