@@ -214,12 +214,8 @@ def test_a_worker_killed_mid_trial_is_ended_and_its_trial_retried_by_the_next_st
     args = tiny_args(tiny_dataset, tiny_llama, "--space", SPACE, "--n_trials", "2", "--pruner", "none")
     args[args.index("--max_steps") + 1] = "8"
     process = start_search(tmp_path, *args)
-    marker = tmp_path / "outputs" / "tinysent-lora-search" / "tinysent-lora-search-trial0" / "checkpoint-2" / "COMPLETE"
-    deadline = time.monotonic() + 300
-    while not marker.exists():
-        assert process.poll() is None, process.communicate()[0][-3000:]
-        assert time.monotonic() < deadline, "trial 0 wrote no checkpoint"
-        time.sleep(0.05)
+    wait_for_checkpoint(process, tmp_path / "outputs" / "tinysent-lora-search" / "tinysent-lora-search-trial0" /
+                        "checkpoint-2" / "COMPLETE")
     process.send_signal(signal.SIGKILL)
     process.communicate(timeout=60)
     result = CliRunner().invoke(search, args, catch_exceptions=False)
@@ -238,6 +234,33 @@ def test_a_worker_killed_mid_trial_is_ended_and_its_trial_retried_by_the_next_st
     assert resumed.parent.name == "tinysent-lora-search-trial0" and int(resumed.name.split("-")[1]) < 8
     assert all(r.info.status != "RUNNING" for r in trials + parents)
     assert parents[0].data.metrics["search/trials_retried"] == 1
+
+
+def wait_for_checkpoint(process: subprocess.Popen, marker: Path) -> None:
+    deadline = time.monotonic() + 300
+    while not marker.exists():
+        assert process.poll() is None, process.communicate()[0][-3000:]
+        assert time.monotonic() < deadline, f"no {marker}"
+        time.sleep(0.05)
+
+
+@pytest.mark.slow
+def test_ctrl_c_ends_the_trial_and_the_parent_killed_and_queues_the_trial_again(mlflow_store, tmp_path, tiny_dataset,
+                                                                                 tiny_llama):
+    args = tiny_args(tiny_dataset, tiny_llama, "--space", SPACE, "--n_trials", "2", "--pruner", "none")
+    args[args.index("--max_steps") + 1] = "8"
+    process = start_search(tmp_path, *args)
+    wait_for_checkpoint(process, tmp_path / "outputs" / "tinysent-lora-search" / "tinysent-lora-search-trial0" /
+                        "checkpoint-2" / "COMPLETE")
+    process.send_signal(signal.SIGINT)
+    output = process.communicate(timeout=120)[0]
+    assert process.returncode == 130, output[-3000:]
+    parents, trials = runs_by_role()
+    assert [(r.data.tags["trial"], r.info.status, r.data.tags["trial_state"]) for r in trials] == [("0", "KILLED", "failed")]
+    assert [p.info.status for p in parents] == ["KILLED"]
+    study = journal(tmp_path, "tinysent-lora-search")
+    assert [t.state.name for t in study.trials] == ["FAIL", "WAITING"]
+    assert study.trials[1].system_attrs["retry_history"] == [0]
 
 
 def start_postgres(folder: Path) -> tuple[str, callable]:

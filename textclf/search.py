@@ -326,12 +326,13 @@ class _Search:
 
     def trial_config(self, params: dict[str, Any], place: int, seed: int | None):
         """The RunConfig of a trial: the search's parameters with the trial's values, in its own folder
-        ``<output_dir>/<study>/<study>-trial<N>[-seed<S>]``, never registered."""
+        ``<output_dir>/<study>/<study>-trial<N>[-seed<S>]``, never registered, always resuming."""
         values = {**self.overrides, **{k: v for k, v in params.items() if k != "mode"}}
         if seed is not None:
             values["seed"] = seed
         name = f"{self.name}-trial{place}" + (f"-seed{seed}" if len(self.settings.seeds) > 1 else "")
-        values.update(run_name=name, output_dir=str(self.study_dir), register=False)
+        # resume: a retry continues its first attempt's folder (a user's resume=false is for a `train` folder).
+        values.update(run_name=name, output_dir=str(self.study_dir), register=False, resume=True)
         return build_config(mode=params.get("mode", self.mode), **values)
 
     def end_interrupted(self, trial: optuna.Trial) -> None:
