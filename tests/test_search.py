@@ -104,6 +104,46 @@ def test_space_files_and_defaults_are_checked_like_inline_text(tmp_path):
         parse_space(str(path), "lora")
 
 
+def test_a_retry_takes_its_trials_place_and_a_trial_past_n_trials_is_surplus():
+    """The counting behind n_trials, on a real in-memory study: a failed-and-retried trial holds one place (its
+    retry's), and of two trials started at once for the last place, the lower number runs."""
+    from textclf.search_study import SURPLUS, is_surplus, retry, tally
+
+    study = optuna.create_study()
+    study.enqueue_trial({"x": 1.0})
+    first = study.ask({"x": optuna.distributions.FloatDistribution(0, 2)})
+    study.tell(first, 1.0)
+    dead = study.ask({"x": optuna.distributions.FloatDistribution(0, 2)})
+    study.tell(dead, state=optuna.trial.TrialState.FAIL)  # as recover_dead_trials does
+    retry(study, study.trials[dead.number])
+    assert (tally(study).counted, tally(study).waiting) == (1, 1)
+    again = study.ask()  # takes the waiting retry first
+    assert study.trials[again.number].system_attrs["retry_history"] == [dead.number]
+    racing = study.ask()  # another worker, at the same moment, for what it saw as the last place
+    assert not is_surplus(study, again.number, n_trials=2)  # the retry holds trial 1's place
+    assert is_surplus(study, racing.number, n_trials=2)
+    racing.set_user_attr(SURPLUS, True)
+    study.tell(racing, state=optuna.trial.TrialState.FAIL)
+    study.tell(again, 0.5)
+    counts = tally(study)
+    assert (counts.counted, counts.complete, counts.failed, counts.running) == (2, 2, 0, 0)
+
+
+@pytest.mark.slow
+def test_seeds_score_a_configuration_by_their_mean(mlflow_store, tmp_path, tiny_dataset, tiny_llama):
+    result = CliRunner().invoke(search, tiny_args(tiny_dataset, tiny_llama, "--space", "lora_r=choice(4,8)",
+                                                  "--n_trials", "1", "--seeds", "0,1", "--learning_rate", "3e-3"),
+                                catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    trial = journal(tmp_path, "tinysent-lora-search").trials[0]
+    _, runs = runs_by_role()
+    assert sorted(r.data.tags["seed"] for r in runs) == ["0", "1"] and {r.data.tags["trial"] for r in runs} == {"0"}
+    scores = {r.info.run_id: r.data.metrics["best/f1_macro"] for r in runs}
+    assert trial.value == pytest.approx(sum(scores.values()) / 2)
+    (version,) = MlflowClient().search_model_versions("name = 'textclf-tinysent'")
+    assert scores[version.run_id] == max(scores.values())
+
+
 @pytest.mark.slow
 def test_pruning_stops_a_worse_trial_that_still_logs_a_complete_run(mlflow_store, tmp_path, tiny_dataset, tiny_llama,
                                                                      monkeypatch):
