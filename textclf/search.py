@@ -142,8 +142,8 @@ class _Search:
         except optuna.exceptions.DuplicatedStudyError:
             study = optuna.load_study(study_name=self.name, storage=storage, sampler=sampler, pruner=pruner)
         else:
+            study.set_user_attr(OWNER, owner_record())  # first: a study with a recipe always has an owner
             study.set_user_attr(RECIPE, self.recipe)
-            study.set_user_attr(OWNER, owner_record())
             return self.run_as_owner(study, parent_run_id=None)
         parent_run_id, claimed = self.wait_for_parent(study)
         self.check_recipe(study)
@@ -171,11 +171,15 @@ class _Search:
                 return None, True
             if time.monotonic() > deadline:
                 raise TextclfError(f"study {self.name}: its first process has not started the parent run within "
-                                   f"{PARENT_WAIT_SECONDS} s; is it still starting? (owner: {owner})")
+                                   f"{PARENT_WAIT_SECONDS} s (owner: {owner}); if that process is gone, choose "
+                                   "another study name")
             time.sleep(1.0)
 
     def check_recipe(self, study: optuna.Study) -> None:
-        recorded = study.user_attrs.get(RECIPE) or {}
+        recorded = study.user_attrs.get(RECIPE)
+        if recorded is None:  # its creator died before recording it, and this process claimed the study
+            study.set_user_attr(RECIPE, self.recipe)
+            return
         changed = checkpoints.differences(recorded, self.recipe)
         if changed:
             raise TextclfError(f"study {self.name} searches with other parameters ({'; '.join(changed)}); "
