@@ -222,6 +222,9 @@ def test_grid_runs_every_combination_and_a_rerun_continues_then_recognises_the_f
     assert sorted(t.number for t in study.trials) == [0, 1, 2, 3]
     again = run("10")
     assert "already finished" in again.output
+    other = CliRunner().invoke(search, tiny_args(tiny_dataset, tiny_llama, "--sampler", "grid", "--space",
+                                                 "mode=choice(full,lora);seed=choice(0,1)", "--learning_rate", "2e-3"))
+    assert other.exit_code == 2 and "training.learning_rate: 0.001 -> 0.002" in other.output, other.output
     assert len(mlflow.search_runs(search_all_experiments=True, output_format="list")) == 5
     assert len(journal(tmp_path, "tinysent-search").trials) == 4
 
