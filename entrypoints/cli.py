@@ -9,6 +9,7 @@ from entrypoints.common import COMMAND_SETTINGS
 from entrypoints.evaluate import evaluate
 from entrypoints.predict import predict
 from entrypoints.promote import promote
+from entrypoints.search import search
 from entrypoints.sweep import sweep
 from entrypoints.sync import sync
 from entrypoints.train import train
@@ -24,6 +25,7 @@ def main() -> None:
 main.add_command(train)
 main.add_command(evaluate)
 main.add_command(sweep)
+main.add_command(search)
 main.add_command(promote)
 main.add_command(predict)
 main.add_command(train_deepspeed)

@@ -1,9 +1,9 @@
 """Write MLproject (`make mlproject`); with --check, exit 1 if the committed MLproject is not what this writes.
 
-The training entry points (train, main, sweep, train_deepspeed) are generated from their click commands: each
-training parameter from its declaration in textclf/config.py, any other option (sweep's seeds, train_deepspeed's
-launcher options) from its click type and default. The other entry points are written as OTHER_ENTRY_POINTS says.
-"""
+The training entry points (train, main, sweep, train_deepspeed, search) are generated from their click commands:
+each training parameter from its declaration in textclf/config.py, any other option (sweep's seeds,
+train_deepspeed's launcher options, search's settings) from its click type and default. The other entry points
+are written as OTHER_ENTRY_POINTS says."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from typing import Any
 
 import click
 
+from entrypoints.search import search
 from entrypoints.sweep import sweep
 from entrypoints.train import train
 from entrypoints.train_deepspeed import train_deepspeed
@@ -37,8 +38,9 @@ entry_points:
 """
 
 # (entry point, its click command, options MLproject leaves out). sweep shares --seed with the other training
-# commands only to refuse it: its seeds parameter replaces it.
-TRAINING_ENTRY_POINTS = [("train", train, ()), ("sweep", sweep, ("seed",)), ("train_deepspeed", train_deepspeed, ())]
+# commands only to refuse it: its seeds parameter replaces it. search names its runs after the study.
+TRAINING_ENTRY_POINTS = [("train", train, ()), ("sweep", sweep, ("seed",)), ("train_deepspeed", train_deepspeed, ()),
+                         ("search", search, ("run_name",))]
 COMMAND_LINE_ONLY = {"debug"}  # and hidden options, such as the --worker the DeepSpeed launcher sets
 
 # Not training: their options are not run parameters, and several read "" or floats themselves.

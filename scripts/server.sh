@@ -3,7 +3,8 @@
 # `mlflow server --app-name basic-auth --serve-artifacts`. Usage: scripts/server.sh start|stop|status
 #
 # Everything lives in $SERVER_DIR (default server/ in the repository, gitignored):
-#   pg/              PostgreSQL's data folder, owned by $PG_OS_USER (databases `mlflow` and `mlflow_auth`)
+#   pg/              PostgreSQL's data folder, owned by $PG_OS_USER (databases `mlflow`, `mlflow_auth` and `optuna`,
+#                    the last for the studies of `search` workers on several machines)
 #   pgpass           the database password, in libpq's PGPASSFILE format (mode 600): never on a command line
 #   basic_auth.ini   MLflow's auth config (MLFLOW_AUTH_CONFIG_PATH): users live in database `mlflow_auth`
 #   admin-password   the generated admin password (mode 600), when MLFLOW_ADMIN_PASSWORD was not given
@@ -101,7 +102,7 @@ start_pg() {
   as_pg "$PG_BIN/pg_ctl" -D "$PGDATA" -l "$SERVER_DIR/logs/postgres.log" -o "-p $PG_PORT" -w -t 60 start >/dev/null \
     || die "PostgreSQL did not start: see $SERVER_DIR/logs/postgres.log"
   local db
-  for db in mlflow mlflow_auth; do
+  for db in mlflow mlflow_auth optuna; do
     if [[ -z $("$PG_BIN/psql" -h "$HOST" -p "$PG_PORT" -U "$DB_USER" -d postgres -tAc \
                "SELECT 1 FROM pg_database WHERE datname = '$db'") ]]; then
       "$PG_BIN/createdb" -h "$HOST" -p "$PG_PORT" -U "$DB_USER" "$db"

@@ -49,9 +49,12 @@ class TrainingResult:
 
 
 def run_training(
-    config: RunConfig, deepspeed: dict | None = None, extra_tags: dict[str, str] | None = None, nested: bool = False
+    config: RunConfig, deepspeed: dict | None = None, extra_tags: dict[str, str] | None = None, nested: bool = False,
+    extra_callbacks: list | None = None,
 ) -> TrainingResult:
     """Train, select the best checkpoint, test it, and record everything in one MLflow run.
+
+    ``extra_callbacks``: Trainer callbacks added after textclf's own (a search trial's pruning callback).
 
     A folder whose run already finished with the same recipe is recognised: nothing is trained, logged
     or registered, and the result names that run (``already_finished``). Raises TextclfError on bad
@@ -103,7 +106,7 @@ def run_training(
             callbacks.append(EarlyStoppingCallback(config.training.early_stopping_patience))
         trainer = ClassifierTrainer(
             model=model, args=args, train_dataset=prepared.train_set, eval_dataset=prepared.eval_set,
-            data_collator=training_collator(tokenizer), callbacks=callbacks,
+            data_collator=training_collator(tokenizer), callbacks=callbacks + list(extra_callbacks or []),
             compute_metrics=make_compute_metrics(len(splits.label_names), splits.label_names, evaluation_state),
             head_learning_rate=config.training.head_learning_rate, batch_counts=counts,
         )
