@@ -92,6 +92,10 @@ def report(result) -> None:
     if len(result.table):
         columns = [c for c in result.table.columns if c not in ("run_ids",)]
         click.echo(result.table[columns].to_string(index=False))
+    failed = [code for code in result.worker_exit_codes if code != 0]
+    if failed:  # their trials were ended and retried or counted as failed; their output is above
+        click.echo(f"{len(failed)} of {len(result.worker_exit_codes)} worker processes exited with an error "
+                   f"(exit codes {', '.join(map(str, failed))})", err=True)
 
 
 if __name__ == "__main__":

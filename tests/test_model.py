@@ -9,7 +9,7 @@ from textclf.config import ModelConfig
 from textclf.encoding import PromptEncoder, format_prompt
 from textclf.errors import TextclfError
 from textclf.inference import Predictor
-from textclf.model import MLPHead, build_classifier, load_classifier, save_classifier
+from textclf.model import MLPHead, base_of, build_classifier, load_classifier, save_classifier
 
 TEXTS = ["a gem", "a dull , boring mess that goes on and on and never ends", "fine", "great acting and a moving story"]
 NAMES = ["Negative", "Positive"]
@@ -187,16 +187,20 @@ def test_frozen_layers_must_leave_a_layer_to_train_and_need_full_mode(tiny_llama
         build_config("lora", frozen_layers=1)
 
 
-def test_frozen_layers_are_not_backpropagated_through_with_gradient_checkpointing(tiny_llama):
-    """Checkpointing must not make the frozen layers' outputs require grad (backward would run through them)."""
-    model, tokenizer = make(tiny_llama, "full", frozen_layers=1)
+@pytest.mark.parametrize("mode, overrides", [("full", {"frozen_layers": 1}), ("lora", {"lora_layers": 1})],
+                         ids=["frozen_layers", "lora_layers"])
+def test_lower_layers_are_not_backpropagated_through_with_gradient_checkpointing(tiny_llama, mode, overrides):
+    """Checkpointing must not make the untrained lower layer's output require grad (backward would run through it)."""
+    model, tokenizer = make(tiny_llama, mode, **overrides)
     model.gradient_checkpointing_enable()
     model.train()
     seen = {}
-    layers = model.backbone.layers
+    layers = base_of(model.backbone).layers
     layers[0].register_forward_hook(lambda module, args, output: seen.update(frozen=output[0] if isinstance(output, tuple) else output))
     layers[1].register_forward_hook(lambda module, args, output: seen.update(trained=output[0] if isinstance(output, tuple) else output))
     batch = tokenizer(["a fine film"], return_tensors="pt")
     model(**batch, labels=torch.tensor([1])).loss.backward()
     assert not seen["frozen"].requires_grad and seen["trained"].requires_grad
-    assert layers[1].self_attn.q_proj.weight.grad is not None and layers[0].self_attn.q_proj.weight.grad is None
+    trained = [p for n, p in layers[1].named_parameters() if p.requires_grad]
+    assert trained and all(p.grad is not None for p in trained)
+    assert all(p.grad is None for p in layers[0].parameters())

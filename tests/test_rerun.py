@@ -233,4 +233,9 @@ def test_two_prompts_that_differ_past_the_param_limit_are_two_recipes(tmp_path):
     assert plan_output_dir(tmp_path, True, recipe(first)).finished["run_id"] == "r1"
     with pytest.raises(TextclfError, match="data.prompt_template"):
         plan_output_dir(tmp_path, True, recipe(second))
+    # A folder written before recipes held whole values still matches its own config, on the part that was kept.
+    old = tmp_path / "old"
+    old.mkdir()
+    record_finished(old, {**recipe(first), "data.prompt_template": flatten(first)["data.prompt_template"]}, run_id="r0")
+    assert plan_output_dir(old, True, recipe(first)).finished["run_id"] == "r0"
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from textclf.config import MODES, RunConfig, build_config, flatten
+from textclf.config import MODES, PARAM_VALUE_LIMIT, TRUNCATED, RunConfig, build_config, flatten
 from textclf.errors import TextclfError
 from textclf.ranks import is_main_process
 
@@ -75,7 +75,15 @@ def differences(recorded: dict[str, str], current: dict[str, str]) -> list[str]:
     defaults = _parameter_defaults(current.get("run.mode"))
     keys = sorted(set(recorded) | set(current))
     return [f"{k}: {_short(recorded.get(k, '(unset)'))} -> {_short(current.get(k, '(unset)'))}"
-            for k in keys if recorded.get(k, defaults.get(k)) != current.get(k)]
+            for k in keys if not _same(recorded.get(k, defaults.get(k)), current.get(k))]
+
+
+def _same(recorded: str | None, current: str | None) -> bool:
+    """Whether a recorded value is the current one. Recipes written before textclf compared whole values hold
+    long values cut as MLflow params are (``...[truncated]``): those match on what was kept, as they always did."""
+    if recorded is not None and current is not None and recorded.endswith(TRUNCATED) and len(recorded) == PARAM_VALUE_LIMIT:
+        return current.startswith(recorded[: -len(TRUNCATED)])
+    return recorded == current
 
 
 @functools.lru_cache(maxsize=None)

@@ -277,6 +277,7 @@ def validate(config: RunConfig) -> None:
 # Each logged param value is cut to 500 characters: the MLflow installed here stores up to 6000, but remote
 # tracking stores (servers on older MLflow versions) still enforce 500 and refuse the whole batch of params.
 PARAM_VALUE_LIMIT = 500
+TRUNCATED = "...[truncated]"  # ends a value cut to PARAM_VALUE_LIMIT
 
 
 def flatten(config: RunConfig, max_length: int | None = PARAM_VALUE_LIMIT) -> dict[str, str]:
@@ -295,7 +296,7 @@ def flatten(config: RunConfig, max_length: int | None = PARAM_VALUE_LIMIT) -> di
                 walk(f"{prefix}.{key}" if prefix else key, inner)
             return
         text = str(value)
-        flat[prefix] = text if max_length is None or len(text) <= max_length else text[: max_length - 14] + "...[truncated]"
+        flat[prefix] = text if max_length is None or len(text) <= max_length else text[: max_length - len(TRUNCATED)] + TRUNCATED
 
     sections = ("data", "model", "training")
     config_dict = config.to_dict()

@@ -155,10 +155,25 @@ def leave_process_group() -> None:
             configure_threads(ranks_sharing=1)
 
 
+def free_engine(trainer) -> None:
+    """Drop the DeepSpeed engine's partitions and optimizer state: the rebuilt model takes their place in memory
+    (on a GPU, the full fp32 model beside the engine could run out of memory)."""
+    import gc
+
+    import torch
+
+    trainer.accelerator.free_memory()
+    trainer.model_wrapped = trainer.model
+    trainer.optimizer = trainer.lr_scheduler = trainer.deepspeed = None
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def consolidate(trainer, model, folder: Path):
-    """Gather ZeRO-3 shards into one state dict (every rank must call this), and on rank 0 rebuild a
-    plain in-memory model from it. Raises TextclfError when the gathered weights are incomplete
-    (a ZeRO-3 save of a few hundred KB is a known failure)."""
+    """Gather ZeRO-3 shards into one state dict (every rank must call this; the ranks then leave their process
+    group), and on rank 0 rebuild a plain in-memory model from it. Raises TextclfError when the gathered weights
+    are incomplete (a ZeRO-3 save of a few hundred KB is a known failure)."""
     import numpy as np
     from safetensors import safe_open
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
@@ -167,11 +182,14 @@ def consolidate(trainer, model, folder: Path):
 
     # Writes the weights and, on rank 0, the training collator's tokenizer (the Trainer saves it with them).
     trainer.save_model(str(folder))
-    # Training is over: without this, loading the base model below would start a ZeRO-3 partitioned
-    # load, a collective that rank 0 alone waits on forever.
+    # The last collective: the ranks part here. What follows is rank 0's alone and may take long (rebuilding here,
+    # then calibration, test and logging), so no rank waits for it in a collective with a timeout.
+    leave_process_group()
+    # Training is over: without this, loading the base model below would start a ZeRO-3 partitioned load.
     unset_hf_deepspeed_config()
     if not is_main_process():
         return None
+    free_engine(trainer)
     model.spec.save(folder)
     rebuilt, _ = rebuild_from_state(folder, folder / WEIGHTS_FILE)
     with safe_open(str(folder / WEIGHTS_FILE), "pt") as weights:

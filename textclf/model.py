@@ -218,10 +218,10 @@ class TextClassifier(nn.Module):
         kwargs = gradient_checkpointing_kwargs or {"use_reentrant": False}
         base = base_of(self.backbone)
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-        if not self.spec.lora and kwargs.get("use_reentrant") is False and any(
-                not parameter.requires_grad for parameter in base.parameters()):
+        if kwargs.get("use_reentrant") is False and any(not parameter.requires_grad for parameter in base.parameters()):
             # transformers makes the embeddings' output require grad for checkpointing, which only reentrant
-            # checkpointing needs: with frozen_layers, backward would then run (and recompute) the frozen layers.
+            # checkpointing needs: with frozen_layers or lora_layers (or LoRA's frozen lower projections), backward
+            # would then run (and recompute) layers that nothing below trains.
             base.disable_input_require_grads()
 
 

@@ -172,13 +172,12 @@ def _upload(client, output_dir: Path, record: dict[str, Any], results: dict[str,
                                                          record["examples"])
     elif op == "register":
         from textclf.config import run_config_from_dict
-        from textclf.registry import register_run_model, registered_model_name
+        from textclf.registry import register_run_model, registered_model_name, version_of_run
 
         config = run_config_from_dict(record["config"])
-        name = registered_model_name(config.dataset_name)
-        existing = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+        existing = version_of_run(registered_model_name(config.dataset_name), run_id)
         if existing:
-            results["registered_version"] = str(existing[0].version)
+            results["registered_version"] = existing
         else:
             model_uri = results.get("model_uri") or record.get("model_uri")
             results["registered_version"] = register_run_model(run_id, model_uri, config, record["best"],

@@ -58,6 +58,13 @@ def register_run_model(run_id: str, model_uri: str, config, best: dict, test: di
     return version
 
 
+def version_of_run(name: str, run_id: str) -> str | None:
+    """The version of ``name`` registered from run ``run_id``, if any: a registration repeated after a failure
+    (a sync, a continued search) finds it instead of adding a second version of the same model."""
+    found = MlflowClient().search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+    return str(min(int(v.version) for v in found)) if found else None
+
+
 def register_version(run_id: str, model_uri: str, name: str, tags: dict[str, str], validation: dict,
                      test: dict) -> str:
     """Register ``model_uri`` as a version of ``name`` with ``tags``, the run id and every validation and test

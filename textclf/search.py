@@ -38,8 +38,9 @@ from textclf.registry import LOWER_IS_BETTER
 from textclf.search_report import best_summary, log_summary, register_best, trials_table
 from textclf.search_space import SearchSpace, check_trial_configs, describe
 from textclf.search_study import (OWNER, PROCESS, PRUNED_AT, RUNS, SURPLUS, PruningCallback, Tally, claim_owner,
-                                  is_surplus, make_pruner, make_sampler, open_storage, owner_alive, owner_record,
-                                  process_record, quiet_experimental, recover_dead_trials, retry, tally)
+                                  is_surplus, make_pruner, make_sampler, open_storage, owner_alive, owner_holds,
+                                  owner_record, process_record, quiet_experimental, recover_dead_trials,
+                                  release_owner, retry, tally)
 from textclf.server_errors import redact
 from textclf.search_workers import worker_processes
 from textclf.training import run_training
@@ -81,6 +82,9 @@ class SearchResult:
     already_finished: bool = False  # recognised from an earlier run: nothing was trained now
     owner: bool = True  # False: this process only ran trials; the owner of the parent logs the summary
     worker_exit_codes: list[int] = field(default_factory=list)
+
+
+DEADLINE = "textclf.deadline"  # study attr: the wall-clock time after which no trial starts (None: no limit)
 
 
 class SurplusTrial(Exception):
@@ -129,6 +133,7 @@ class _Search:
         self.study_dir = Path(self.base.output_dir) / self.name
         self.recipe = checkpoints.recipe(self.base, space=str(space), seeds=",".join(map(str, settings.seeds)))
         self.data_tags: dict[str, str] = {}  # what the registered best version learnt and was validated on
+        self.owner_token: str | None = None  # this process's claim on the study, when it owns it
 
     # -- the study and who owns its parent run -------------------------------------------------------------
 
@@ -149,7 +154,9 @@ class _Search:
         except optuna.exceptions.DuplicatedStudyError:
             study = optuna.load_study(study_name=self.name, storage=storage, sampler=sampler, pruner=pruner)
         else:
-            study.set_user_attr(OWNER, owner_record())  # first: a study with a recipe always has an owner
+            record = owner_record()
+            study.set_user_attr(OWNER, record)  # first: a study with a recipe always has an owner
+            self.owner_token = record["token"]
             study.set_user_attr(RECIPE, self.recipe)
             return self.run_as_owner(study, parent_run_id=None)
         parent_run_id, claimed = self.wait_for_parent(study)
@@ -174,8 +181,10 @@ class _Search:
             if attrs.get(PARENT) and attrs.get(RECIPE):
                 return attrs[PARENT], False
             owner = attrs.get(OWNER)
-            if owner and not owner_alive(owner) and claim_owner(study):
-                return None, True
+            if owner and not owner_alive(owner):
+                self.owner_token = claim_owner(study)
+                if self.owner_token:
+                    return None, True
             if time.monotonic() > deadline:
                 raise TextclfError(f"study {self.name}: its first process has not started the parent run within "
                                    f"{PARENT_WAIT_SECONDS} s (owner: {owner}); if that process is gone, choose "
@@ -209,9 +218,10 @@ class _Search:
             raise TextclfError(f"study {self.name}: its parent run {parent_run_id} was deleted; choose another "
                                "study name")
         owner = study.user_attrs.get(OWNER)
-        if run.info.status == "RUNNING" and owner and owner_alive(owner):
+        if owner_holds(owner, parent_running=run.info.status == "RUNNING"):
             return False
-        if not claim_owner(study):
+        self.owner_token = claim_owner(study)
+        if not self.owner_token:
             return False
         if run.info.status == "RUNNING":
             client.set_tag(parent_run_id, "error", f"owner process {owner and owner.get('pid')} died; taken over")
@@ -221,6 +231,16 @@ class _Search:
         return True
 
     def run_as_owner(self, study: optuna.Study, parent_run_id: str | None) -> SearchResult:
+        """Run trials as the study's owner, in its parent run; then give the ownership up, so that a later start
+        may continue the study (whether this one finished, failed or was interrupted)."""
+        try:
+            return self._run_as_owner(study, parent_run_id)
+        finally:
+            release_owner(study, self.owner_token)
+
+    def _run_as_owner(self, study: optuna.Study, parent_run_id: str | None) -> SearchResult:
+        timeout = self.settings.timeout_minutes
+        study.set_user_attr(DEADLINE, time.time() + timeout * 60 if timeout else None)  # this start's time budget
         tags = {"dataset": self.base.dataset_name, "mode": "searched" if "mode" in self.settings.space else self.mode,
                 "base_model": self.base.model.base_model, "search": "parent", "study": self.name,
                 "output_dir": str(self.study_dir.resolve())}
@@ -231,7 +251,7 @@ class _Search:
         with tracking.tracked_run(self.base.experiment_name, self.name, tags) as parent:
             parent_run_id = parent.info.run_id
             if study.user_attrs.get(PARENT) != parent_run_id:
-                tracking.log_config(self.base)
+                tracking.log_config(self.base, searched={d.name: str(d) for d in self.settings.space.dimensions})
                 study.set_user_attr(PARENT, parent_run_id)
             self.log_settings()
             with worker_processes(self.settings.worker_args, self.settings.workers) as workers:
@@ -282,11 +302,15 @@ class _Search:
         """Run trials while places among n_trials are free (or retries wait) and time is left. The owner then
         waits for the other workers' trials, recovering those whose process dies (and running their retries)."""
         settings = self.settings
-        deadline = time.monotonic() + settings.timeout_minutes * 60 if settings.timeout_minutes else None
         while True:
             recover_dead_trials(study, self.on_dead)
             counts = tally(study)
-            time_left = deadline is None or time.monotonic() < deadline
+            # The owner's deadline binds every process, and a worker stops once the owner has ended the parent run:
+            # a trial started later would be missing from the summary.
+            deadline = study.user_attrs.get(DEADLINE)
+            time_left = deadline is None or time.time() < deadline
+            if not owner and (study.user_attrs.get(OWNER) or {}).get("ended"):
+                return
             free = counts.waiting or counts.counted + counts.running < self.n_total
             if time_left and counts.counted < self.n_total and free:
                 study.optimize(lambda trial: self.objective(trial, parent_run_id, nested=owner), n_trials=1,

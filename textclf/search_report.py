@@ -65,7 +65,7 @@ def log_summary(study: optuna.Study, metric: str) -> FrozenTrial:
                           "search/trials_failed": counts.failed,
                           "search/trials_retried": len(retried_numbers(study.get_trials(deepcopy=False)))})
     if len(table):
-        mlflow.log_table(table.astype(object).where(table.notna(), None), "search/trials.json")
+        tracking.log_table_replacing(table.astype(object).where(table.notna(), None), "search/trials.json")
     if not counts.complete:
         raise TextclfError(f"no trial completed ({counts.pruned} pruned, {counts.failed} failed): see the parent "
                            "run's search/trials.json and the failed trials' runs (tag error)")
@@ -121,16 +121,17 @@ def register_best(study: optuna.Study, trial: FrozenTrial, config, metric: str, 
     """Register the best trial's model as a version of ``textclf-<dataset>`` tagged with the study and trial
     (``config``: that run's RunConfig; ``data``: textclf.registry.data_tags of its rows), once: the same best run
     found again keeps its version."""
-    from textclf.registry import register_run_model, registered_model_name
+    from textclf.registry import register_run_model, registered_model_name, version_of_run
 
     run = best_run(trial, metric, lower_is_better)
-    done = study.user_attrs.get(REGISTERED)
-    if done and done.get("run_id") == run["run_id"]:
-        log.info("the best trial's run %s is version %s already", run["run_id"], done["version"])
-        return str(done["version"])
-    version = register_run_model(run["run_id"], run["model_uri"], config, run["best"], run["test"], data)
-    client = mlflow.MlflowClient()
     name = registered_model_name(config.dataset_name)
+    # Found when this run was registered before: by this study earlier, or by a process that died right after.
+    version = version_of_run(name, run["run_id"])
+    if version:
+        log.info("the best trial's run %s is version %s already", run["run_id"], version)
+    else:
+        version = register_run_model(run["run_id"], run["model_uri"], config, run["best"], run["test"], data)
+    client = mlflow.MlflowClient()
     client.set_model_version_tag(name, version, "study", study.study_name)
     client.set_model_version_tag(name, version, "trial", str(trial.number))
     study.set_user_attr(REGISTERED, {"run_id": run["run_id"], "version": version, "trial": trial.number})

@@ -138,13 +138,18 @@ def tally(study: optuna.Study) -> Tally:
                  complete, pruned, failed)
 
 
+def place_of(trial: FrozenTrial) -> int:
+    """The trial's place in the study: a retry takes the place of the trial it retries (trial 0 included)."""
+    retried = RetryHeartbeatStaleTrialCallback.retried_trial_number(trial)
+    return trial.number if retried is None else retried
+
+
 def is_surplus(study: optuna.Study, number: int, n_trials: int) -> bool:
     """Whether trial ``number`` (just started) is beyond the first ``n_trials`` places. A retry takes the place
     of the trial it retries; otherwise the lower number wins: every worker reaches the same answer."""
     with quiet_experimental():
         trials = counted_trials(study.get_trials(deepcopy=False))
-        order = sorted(trials, key=lambda t: (RetryHeartbeatStaleTrialCallback.retried_trial_number(t) or t.number,
-                                              t.number))
+        order = sorted(trials, key=lambda t: (place_of(t), t.number))
     numbers = [t.number for t in order]
     return number not in numbers or numbers.index(number) >= n_trials
 
@@ -214,8 +219,28 @@ class PruningCallback(TrainerCallback):
             control.should_save = True  # the pruned step competes for best checkpoint like any other
 
 
+OWNER_CLAIM_SECONDS = 120  # a claim this fresh is respected even while its parent run is not RUNNING yet
+
+
 def owner_record() -> dict[str, Any]:
-    return {**process_record(-1), "token": uuid.uuid4().hex}
+    return {**process_record(-1), "token": uuid.uuid4().hex, "claimed_at": time.time()}
+
+
+def owner_holds(owner: dict[str, Any] | None, parent_running: bool) -> bool:
+    """Whether the recorded owner still holds the study's parent run, so another process must not take it: it
+    has not ended it, its process lives (or runs on another host, where it cannot be checked), and its run is
+    RUNNING or it claimed the study moments ago and is about to start it (two processes continuing a finished
+    study at once must not both become its owner)."""
+    if not owner or owner.get("ended") or not owner_alive(owner):
+        return False
+    return parent_running or time.time() - owner.get("claimed_at", 0) < OWNER_CLAIM_SECONDS
+
+
+def release_owner(study: optuna.Study, token: str) -> None:
+    """Mark this process's ownership ended (its parent run is ended): a later start may take the study over."""
+    owner = study.user_attrs.get(OWNER) or {}
+    if owner.get("token") == token:
+        study.set_user_attr(OWNER, {**owner, "ended": True})
 
 
 def owner_alive(owner: dict[str, Any]) -> bool:
@@ -227,10 +252,10 @@ def owner_alive(owner: dict[str, Any]) -> bool:
     return process_is_alive(int(owner["pid"]), owner.get("pid_started"))
 
 
-def claim_owner(study: optuna.Study) -> bool:
-    """Write this process as the study's owner; it owns it if no other claim overwrote it within CLAIM_SECONDS
-    (the storage orders writes, so every claimant reads the same last one)."""
+def claim_owner(study: optuna.Study) -> str | None:
+    """Write this process as the study's owner; it owns it, and gets its token back, if no other claim overwrote
+    it within CLAIM_SECONDS (the storage orders writes, so every claimant reads the same last one)."""
     record = owner_record()
     study.set_user_attr(OWNER, record)
     time.sleep(CLAIM_SECONDS)
-    return (study.user_attrs.get(OWNER) or {}).get("token") == record["token"]
+    return record["token"] if (study.user_attrs.get(OWNER) or {}).get("token") == record["token"] else None

@@ -1,5 +1,5 @@
 """Worker processes of a search on this machine (``workers=N``): the same command N-1 more times, each process
-with its share of the cores, and one GPU each when CUDA_VISIBLE_DEVICES lists enough. Every process is an
+with its share of the cores, and one GPU each when there are enough (CUDA_VISIBLE_DEVICES, or every GPU). Every process is an
 ordinary worker of the study (textclf.search); nothing is passed between them but the study."""
 
 from __future__ import annotations
@@ -19,10 +19,20 @@ log = logging.getLogger(__name__)
 WORKER_STOP_SECONDS = 120  # after an interrupt, what worker processes get to end their runs before SIGKILL
 
 
+def visible_gpus() -> list[str]:
+    """The GPUs this process may use: CUDA_VISIBLE_DEVICES's list when set, else every GPU torch sees."""
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if listed is not None:
+        return [g.strip() for g in listed.split(",") if g.strip()]
+    import torch
+
+    return [str(i) for i in range(torch.cuda.device_count())]
+
+
 @contextlib.contextmanager
 def worker_processes(args: tuple[str, ...], workers: int) -> Iterator[list[int]]:
     """``workers - 1`` more processes running the same command, each with its share of the cores (and one
-    GPU each when CUDA_VISIBLE_DEVICES lists enough); yields the list their exit codes go to. On an
+    GPU each when there are enough); yields the list their exit codes go to. On an
     interrupt they get SIGTERM (their trials end KILLED and are queued again) and WORKER_STOP_SECONDS."""
     count = workers - 1
     codes: list[int] = []
@@ -35,7 +45,9 @@ def worker_processes(args: tuple[str, ...], workers: int) -> Iterator[list[int]]
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID")}
     if "OMP_NUM_THREADS" not in os.environ:
         os.environ["OMP_NUM_THREADS"] = env["OMP_NUM_THREADS"] = str(plan_threads(workers).intra_op)
-    gpus = [g for g in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if g.strip()]
+    gpus = visible_gpus()
+    if gpus and len(gpus) < workers:
+        log.warning("%d workers share %d GPU(s): a GPU each needs as many GPUs as workers", workers, len(gpus))
     if len(gpus) >= workers:
         os.environ["CUDA_VISIBLE_DEVICES"] = gpus[0]
     # The workers import the code this process runs, wherever it was imported from.

@@ -229,9 +229,18 @@ def _end_with_error(status: str, exc: BaseException) -> None:
     _end(status)
 
 
-def log_config(config: RunConfig) -> None:
-    mlflow.log_params(flatten(config))
-    mlflow.log_text(config.to_json(), "config.json")
+def log_config(config: RunConfig, searched: dict[str, str] | None = None) -> None:
+    """The config as params and ``config.json``. ``searched`` (parameter -> its range, a search's parent run)
+    replaces those parameters' values, which differ from trial to trial: the parent records what ran."""
+    searched = searched or {}
+    params = flatten(config)
+    mlflow.log_params({k: f"searched: {searched[k.rsplit('.', 1)[-1]]}" if k.rsplit(".", 1)[-1] in searched else v
+                       for k, v in params.items()})
+    values = config.to_dict()
+    for section in (values, *(v for v in values.values() if isinstance(v, dict))):
+        for name in searched.keys() & section.keys():
+            section[name] = f"searched: {searched[name]}"
+    mlflow.log_text(json.dumps(values, indent=2, sort_keys=True), "config.json")
 
 
 def log_run_inputs(config: RunConfig, splits, precision: str, resume_from: Path | None,
@@ -307,6 +316,21 @@ def log_test_results(folder: Path, texts: list[str], labels: list[int], probabil
     return metrics
 
 
+def log_table_replacing(frame: pd.DataFrame, artifact_file: str) -> None:
+    """Log ``frame`` as the MLflow table ``artifact_file`` of the active run (the UI shows, sorts and filters it),
+    replacing a table logged there before: ``mlflow.log_table`` would append to it, and a run logged again (a
+    continued search) would list each row twice."""
+    run_id = mlflow.active_run().info.run_id
+    folder, _, name = artifact_file.rpartition("/")
+    client = mlflow.MlflowClient()
+    if artifact_file not in {a.path for a in client.list_artifacts(run_id, folder or None)}:
+        mlflow.log_table(frame, artifact_file=artifact_file)
+        return
+    with tempfile.TemporaryDirectory() as tmp:  # the file log_table writes, without reading the old one
+        frame.to_json(Path(tmp) / name, orient="split", index=False, date_format="iso")
+        client.log_artifact(run_id, str(Path(tmp) / name), folder or None)
+
+
 def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
     finite = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)}
     if finite and is_main_process():
@@ -348,6 +372,10 @@ class MlflowTrainingCallback(TrainerCallback):
         self.step_started = time.perf_counter()
 
     def on_step_end(self, args, state, control, **kwargs):
+        if torch.cuda.is_available() and (control.should_log or control.should_evaluate or control.should_save):
+            # A GPU runs behind the host: before the time is read (and before an evaluation starts queueing its own
+            # work), it catches up, so that the training steps' GPU time is counted in them. Only at these steps.
+            torch.cuda.synchronize()
         self.train_seconds += time.perf_counter() - self.step_started
 
     def on_log(self, args, state, control, logs=None, **kwargs):

@@ -23,7 +23,7 @@ from textclf.callbacks import BestOfResumedRun, CheckpointCallback, TimeBudgetCa
 from textclf.config import RunConfig
 from textclf.console import ConsoleProgress
 from textclf.data import load_splits
-from textclf.deepspeed import consolidate, leave_process_group
+from textclf.deepspeed import consolidate
 from textclf.inference import Predictor
 from textclf.model import save_classifier
 from textclf.ranks import is_main_process
@@ -120,11 +120,9 @@ def run_training(
         best = best_validation_metrics(trainer)
         tracking.log_metrics({f"best/{k}": v for k, v in best.items()})
         if deepspeed is not None:
+            # The ranks part in consolidate; rank 0 finishes alone, on its training device, with the cores the others
+            # leave (textclf.deepspeed.leave_process_group).
             model = consolidate(trainer, model, output_dir / "consolidated")
-            # The ranks part here: what is left (calibration, test, logging) is rank 0's alone and may take long, so
-            # no rank waits for it in a collective with a timeout. Rank 0 finishes on its training device with the
-            # cores the others leave.
-            leave_process_group()
             if model is not None:
                 model.to(args.device)
         result = finish_run(config, model, tokenizer, splits, best, run, output_dir)
