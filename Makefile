@@ -37,7 +37,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 $(DEFAULT_MODEL)/model.safetensors $(DEMO_MODEL)/model.safetensors &: $(VENV)/.installed
-	$(PY) -m textclf.base_models --target $(DEFAULT_MODEL) --minilm-target $(DEMO_MODEL)
+	$(PY) -m textclf.components.base_models --target $(DEFAULT_MODEL) --minilm-target $(DEMO_MODEL)
 	touch -c $(DEFAULT_MODEL)/model.safetensors $(DEMO_MODEL)/model.safetensors  # kept copies are up to date: not again
 
 train: install
@@ -49,9 +49,9 @@ train: install
 mlproject: $(VENV)/.installed
 	$(PY) scripts/mlproject.py
 
-# Everything, as CI runs it (about 15 min on 2 cores).
+# Everything, as CI runs it, on two workers (one test file each at a time): docs/benchmarks.md has the times.
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile
 
 # What a developer runs between edits (under 3 min): everything not marked slow.
 test-fast: install

@@ -47,7 +47,7 @@ def baseline(dataset: str, data_path: str, text_column: str, label_column: str, 
     after the training prompt. Logs test metrics, artifacts and a pyfunc model to MLflow."""
     setup_logging()
     with user_errors(debug):
-        from textclf.baseline import BaselineConfig, run_baseline
+        from textclf.recipes.baseline import BaselineConfig, run_baseline
 
         defaults = BaselineConfig()
         config = BaselineConfig(

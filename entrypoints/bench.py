@@ -25,7 +25,7 @@ def bench(debug: bool, output: str, **params) -> None:
     """Measure side by side and print the tables of docs/benchmarks.md."""
     setup_logging()
     with user_errors(debug):
-        from textclf.bench import format_report, run_bench
+        from textclf.recipes.bench import format_report, run_bench
 
         report = run_bench(**params)
         Path(output).parent.mkdir(parents=True, exist_ok=True)

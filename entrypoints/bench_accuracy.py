@@ -19,7 +19,7 @@ def bench_accuracy(datasets: str, output: str, debug: bool) -> None:
     """Train each dataset's recipe within its time budget and test it."""
     setup_logging()
     with user_errors(debug):
-        from textclf.bench_accuracy import RECIPES, format_accuracy, run_accuracy
+        from textclf.recipes.bench_accuracy import RECIPES, format_accuracy, run_accuracy
         from textclf.errors import TextclfError
 
         names = [name.strip() for name in datasets.split(",") if name.strip()]

@@ -96,7 +96,7 @@ def setup_logging() -> None:
     if sys.__stderr__ is not None:  # None when started with stderr closed
         with contextlib.suppress(ValueError, OSError):  # no file descriptor (an embedding host's stream)
             faulthandler.register(signal.SIGUSR1, file=sys.__stderr__, all_threads=True)
-    from textclf.console import quiet_library_noise
+    from textclf.process.console import quiet_library_noise
 
     quiet_library_noise()
 
@@ -106,14 +106,14 @@ def user_errors(debug: bool = False):
     """Print a TextclfError as one line and exit 2; an interrupt exits 130. ``debug`` keeps tracebacks.
 
     A tracking server's refusal (HTTP 401/403: wrong password, no permission) is a TextclfError too
-    (textclf.server_errors), so it is one line that names the server and the user, never the password."""
-    from textclf.server_errors import server_refusals
+    (textclf.records.server_errors), so it is one line that names the server and the user, never the password."""
+    from textclf.records.server_errors import server_refusals
 
     try:
         with server_refusals():
             yield
     except TextclfError as exc:
-        from textclf.tracking import fail_attached_run
+        from textclf.records.tracking import fail_attached_run
 
         fail_attached_run(f"TextclfError: {exc}")
         if debug:

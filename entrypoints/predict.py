@@ -23,11 +23,11 @@ def predict(model_uri: str, input_path: str, output_path: str, batch_size: int, 
     with user_errors(debug):
         import pandas as pd
 
-        from textclf.data import FORMATS, TEXT_COLUMNS, pick_column, read_table
+        from textclf.components.data import FORMATS, TEXT_COLUMNS, pick_column, read_table
         from textclf.errors import TextclfError
-        from textclf.inference import Predictor
-        from textclf.model_sources import load_model_source
-        from textclf.serving import output_frame
+        from textclf.serving.inference import Predictor
+        from textclf.serving.sources import load_model_source
+        from textclf.serving.pyfunc import output_frame
 
         source, target = Path(input_path), Path(output_path)
         if not source.exists():

@@ -22,7 +22,7 @@ def promote(dataset: str, metric: str, no_stage: bool, stage: bool, validation_d
     """Point alias `champion` at the registered version with the best validation METRIC."""
     setup_logging()
     with user_errors(debug):
-        from textclf.registry import promote as promote_best
+        from textclf.records.registry import promote as promote_best
 
         result = promote_best(dataset, metric=metric, use_stage=stage and not no_stage,
                               validation_digest=validation_digest or None)

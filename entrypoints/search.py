@@ -39,15 +39,15 @@ def search(space: str, n_trials: float, timeout_minutes: float, sampler: str, pr
     with user_errors(debug):
         from textclf.config import parse_positive_int
         from textclf.errors import TextclfError
-        from textclf.search_space import parse_space
-        from textclf.sweep import parse_seeds
+        from textclf.recipes.search_space import parse_space
+        from textclf.recipes.sweep import parse_seeds
 
         if pruner_startup_trials < 0 or not float(pruner_startup_trials).is_integer():
             raise TextclfError(f"pruner_startup_trials must be an integer >= 0, got {pruner_startup_trials}")
         mode = params.pop("mode")
         settings_space = parse_space(space, mode or "lora")
         worker_args = _worker_args(click.get_current_context().params)
-        from textclf.search import SearchSettings, run_search
+        from textclf.recipes.search import SearchSettings, run_search
 
         settings = SearchSettings(
             space=settings_space, n_trials=parse_positive_int("n_trials", n_trials),

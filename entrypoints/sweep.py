@@ -18,7 +18,7 @@ def sweep(seeds: str, debug: bool, **params) -> None:
     with user_errors(debug):
         from textclf.config import build_config
         from textclf.errors import TextclfError
-        from textclf.sweep import parse_seeds, run_sweep
+        from textclf.recipes.sweep import parse_seeds, run_sweep
 
         if params.pop("seed", None) is not None:
             raise TextclfError("sweep takes --seeds (comma-separated), not --seed")

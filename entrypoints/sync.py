@@ -16,7 +16,7 @@ def sync(output_dir: str, debug: bool) -> None:
     with user_errors(debug):
         from pathlib import Path
 
-        from textclf.offline import sync as upload
+        from textclf.records.offline import sync as upload
 
         done = upload(Path(output_dir))
         click.echo(f"run {done['run_id']}: uploaded {done.get('metrics', 0)} metric records, "

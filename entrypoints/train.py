@@ -15,7 +15,7 @@ def train(debug: bool, **params) -> None:
     setup_logging()
     with user_errors(debug):
         from textclf.config import build_config
-        from textclf.training import run_training
+        from textclf.recipes.training import run_training
 
         config = build_config(mode=params.pop("mode") or "lora", **params)
         report(run_training(config))

@@ -30,14 +30,14 @@ def train_deepspeed(num_procs: float, num_nodes: float, node_rank: float, master
     # MLproject passes numbers as floats
     num_procs, num_nodes, node_rank, master_port = int(num_procs), int(num_nodes), int(node_rank), int(master_port)
     with user_errors(debug):
-        from textclf import tracking
+        from textclf.records import tracking
         from textclf.config import build_config
-        from textclf.data import load_splits
-        from textclf.deepspeed import Nodes, build_deepspeed_config, launch
+        from textclf.components.data import load_splits
+        from textclf.distributed.zero3 import Nodes, build_deepspeed_config, launch
         from textclf.errors import TextclfError, TrainingInterrupted
-        from textclf import checkpoints
-        from textclf.trainer_setup import resolve_precision
-        from textclf.training import already_finished, run_training
+        from textclf.components import checkpoints
+        from textclf.components.trainer import resolve_precision
+        from textclf.recipes.training import already_finished, run_training
         from entrypoints.train import report
 
         mode = params.pop("mode") or "lora"
@@ -73,7 +73,7 @@ def train_deepspeed(num_procs: float, num_nodes: float, node_rank: float, master
                                        reason="was interrupted and stopped before it could end its run")
                 if tracking.attached_run_id():
                     # `mlflow run` would mark it FAILED: rank 0 is not its child.
-                    from textclf.project_run import finish_after_mlflow_run
+                    from textclf.records.project_run import finish_after_mlflow_run
 
                     finish_after_mlflow_run(tracking.attached_run_id(), status="KILLED")
             raise

@@ -14,8 +14,8 @@ import time
 import torch
 from transformers import AutoModel
 
-from textclf.model import freeze_lower_layers
-from textclf.threads import configure_threads
+from textclf.components.model import freeze_lower_layers
+from textclf.distributed.threads import configure_threads
 
 
 def seconds_per_step(path: str, frozen: int, steps: int = 12) -> float:

@@ -27,10 +27,10 @@ STEPS = r"""
 import os, sys, time, torch
 sys.path.insert(0, os.getcwd())
 if os.environ.get("TEXTCLF_CONFIGURE"):
-    from textclf.threads import configure_threads
+    from textclf.distributed.threads import configure_threads
     configure_threads()
 from transformers import AutoModel
-from textclf.base_models import minilm_path
+from textclf.components.base_models import minilm_path
 model = AutoModel.from_pretrained(minilm_path())
 optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
 ids = torch.randint(1000, 2000, (32, 40))

@@ -18,13 +18,13 @@ what it measured; the table printed last summarises it):
 - deepspeed: `python -m entrypoints.train_deepspeed --num_procs 1` (NCCL on GPU, gloo on CPU), run FINISHED,
   consolidated weights written.
 - throughput: samples/s, tokens/s and MFU of LoRA and full training at one batch size against the matmul rate
-  measured in the same call, counted as `make bench` counts (textclf.bench.FlopModel); pad-to-512 for the ratio;
+  measured in the same call, counted as `make bench` counts (textclf.recipes.bench.FlopModel); pad-to-512 for the ratio;
   levers measured one at a time: eager attention (against SDPA), the unfused AdamW (against the fused one,
   transformers' default), padding-free batches, torch.compile. Peak GPU memory of each setting.
 - memory: full fine-tuning at batch 32, padded to 512 tokens, without and with gradient checkpointing.
 
 Every measurement runs textclf's own code: the entry points as subprocesses, and in-process the Trainer setup of
-textclf.bench (measure_training where no lever is changed).
+textclf.recipes.bench (measure_training where no lever is changed).
 """
 
 from __future__ import annotations
@@ -243,7 +243,7 @@ def ensure_carried_packages(wheels: Path, site: Path) -> dict[str, Any]:
     try:
         metadata.version("mlflow")
     except metadata.PackageNotFoundError:
-        # textclf.serving.pip_requirements asks for the distribution "mlflow"; only mlflow-skinny (same
+        # textclf.serving.pyfunc.pip_requirements asks for the distribution "mlflow"; only mlflow-skinny (same
         # package, fewer dependencies) is carried. A metadata-only record lets the model log; the logged
         # requirement mlflow==<version> is what a serving environment needs anyway.
         version = metadata.version("mlflow-skinny")
@@ -406,7 +406,7 @@ def check_pyfunc(run_id: str, texts: list[str]) -> dict[str, Any]:
     import pandas as pd
     import torch
 
-    from textclf.serving import forced_device
+    from textclf.serving.pyfunc import forced_device
 
     uri = f"runs:/{run_id}/model"
     frame = pd.DataFrame({"text": texts})
@@ -544,7 +544,7 @@ def remove_run_files(check: Check, summary: dict[str, Any]) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Throughput, MFU and memory: textclf.bench's Trainer setup, one lever at a time
+# Throughput, MFU and memory: textclf.recipes.bench's Trainer setup, one lever at a time
 # ----------------------------------------------------------------------------------------------------------
 
 def oom_error() -> type[BaseException]:
@@ -573,7 +573,7 @@ def measured(function: Callable[[], dict[str, Any]]) -> dict[str, Any]:
 def bench_setting(plan: Plan, model_dir: Path, tmp: str, mode: str, *, pad_to_512: bool = False,
                   batch: int | None = None, steps: int | None = None, **levers):
     """One training setting of the 1B (or tiny) model on SST-2 rows, its Throughput and what ran."""
-    from textclf.bench import bench_config, measure_training
+    from textclf.recipes.bench import bench_config, measure_training
 
     batch = batch or plan.bench_batch
     steps = steps or plan.bench_steps
@@ -606,8 +606,8 @@ def throughput_settings(plan: Plan, cuda: bool) -> list[tuple[str, str, dict[str
 def check_throughput(check: Check, plan: Plan, model_dir: Path) -> dict[str, Any]:
     import torch
 
-    from textclf.bench import matmul_peak
-    from textclf.trainer_setup import resolve_precision
+    from textclf.recipes.bench import matmul_peak
+    from textclf.components.trainer import resolve_precision
 
     cuda = torch.cuda.is_available()
     section = check.report["throughput"]
@@ -618,7 +618,7 @@ def check_throughput(check: Check, plan: Plan, model_dir: Path) -> dict[str, Any
     free_memory()
     peak = section["matmul"]["gflops"]
     section["batch_size"] = plan.bench_batch
-    section["flops"] = "textclf.bench.FlopModel: per real token 2 x linear weights below the lowest trained layer, " \
+    section["flops"] = "textclf.recipes.bench.FlopModel: per real token 2 x linear weights below the lowest trained layer, " \
                        "4 x frozen and 6 x trained above it, + attention on each row's real length; padding, " \
                        "embeddings, head and recomputation not counted. MFU divides by the matmul rate measured " \
                        "here (the median of section matmul), not a datasheet peak"
@@ -669,9 +669,9 @@ def padding_free(plan: Plan, model_dir: Path, tmp: str) -> dict[str, Any]:
     import torch
     from transformers import DataCollatorWithFlattening
 
-    from textclf.bench import FlopModel, bench_config
-    from textclf.encoding import batches_by_length, pad_batch
-    from textclf.trainer_setup import prepare, resolve_precision
+    from textclf.recipes.bench import FlopModel, bench_config
+    from textclf.components.encoding import batches_by_length, pad_batch
+    from textclf.components.trainer import prepare, resolve_precision
 
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"

@@ -15,7 +15,7 @@
 #     databricks-sdk too: `import mlflow` asks importlib for databricks.agents, which raises without a
 #     `databricks` package (its google-auth, for databricks:// URIs only, is left out, as is gitpython:
 #     mlflow logs no git commit without it).
-#   - datasets (textclf.encoding) with dill and multiprocess.
+#   - datasets (textclf.components.encoding) with dill and multiprocess.
 #   - deepspeed: PyPI has only its sdist, so it is built here into a pure-Python wheel (DS_BUILD_OPS=0: its
 #     ops compile just in time where they are used), with hjson; its other needs are on the machine.
 # Binary wheels (pydantic-core, cffi, ...; multiprocess is per Python version) come for each of GPU_PYTHON_VERSIONS;

@@ -24,6 +24,16 @@ SST2 = REPO / "data" / "datasets" / "sst2" / "data"
 # Tests are marked `slow` by what they do (train a model, start subprocesses or servers, wait), where they are
 # defined; `make test-fast` runs the rest, under 3 minutes.
 
+# `make test` runs the files on two workers (pytest-xdist, one file per worker at a time): the longest files start
+# first, so that no long file is left running alone at the end (measured: docs/benchmarks.md, "The test suite").
+LONGEST_FIRST = ["test_deepspeed.py", "test_gpu_check.py", "test_search.py", "test_server.py", "test_ui_check.py",
+                 "test_outage.py", "test_reliability.py", "test_mlproject.py"]
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: index for index, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
+
 
 @contextlib.contextmanager
 def tracking_store(folder: Path) -> Iterator[str]:
@@ -135,7 +145,7 @@ def tiny_llama_no_pad(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="session")
 def minilm() -> str:
-    from textclf.base_models import minilm_path
+    from textclf.components.base_models import minilm_path
 
     return minilm_path()
 

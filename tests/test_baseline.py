@@ -16,10 +16,10 @@ from mlflow import MlflowClient
 
 from conftest import sentiment_rows, write_jsonl
 from entrypoints.baseline import baseline
-from textclf.baseline import build_zero_shot
+from textclf.recipes.baseline import build_zero_shot
 from textclf.config import DEFAULT_PROMPT_TEMPLATE
-from textclf.encoding import format_prompt
-from textclf.inference import Predictor
+from textclf.components.encoding import format_prompt
+from textclf.serving.inference import Predictor
 
 NAMES = ["Negative", "Positive"]
 TEST_ARTIFACTS = {"confusion_matrix.png", "confusion_matrix.json", "classification_report.json", "test_results.json",
@@ -150,7 +150,7 @@ def test_register_scores_validation_so_promote_can_rank_the_baseline(mlflow_stor
     assert run.info.run_name == "zs" and run.data.params["data.rows.test"] == "6"
     assert version.tags["baseline"] == "zero-shot" and version.tags["mode"] == "zero-shot"
     assert float(version.tags["validation_f1_macro"]) == pytest.approx(run.data.metrics["eval/f1_macro"])
-    from textclf.registry import promote
+    from textclf.records.registry import promote
 
     assert promote("namedsent", use_stage=False).version == "1"
 

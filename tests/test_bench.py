@@ -17,9 +17,9 @@ def test_flop_model_counts_what_torch_counts_in_a_training_step(tiny_llama, mode
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from textclf.bench import FlopModel
+    from textclf.recipes.bench import FlopModel
     from textclf.config import ModelConfig
-    from textclf.model import base_of, build_classifier
+    from textclf.components.model import base_of, build_classifier
 
     depth = 2
     config = (ModelConfig(base_model=tiny_llama, lora_r=4, lora_layers=depth - lower_layers_frozen) if mode == "lora"
@@ -54,7 +54,7 @@ def test_bench_compares_settings_side_by_side_and_writes_json(tiny_llama, tmp_pa
     assert textclf["padding_fraction"] < baseline["padding_fraction"] / 2
     # Each setting's FLOPs are the FlopModel's for the real tokens it trained on (padding is no useful work), and
     # MFU divides their rate by the matmul rate measured in the same run.
-    from textclf.bench import FlopModel
+    from textclf.recipes.bench import FlopModel
 
     flop_model = FlopModel(**report["flop_model"])
     peak = report["matmul_gflops"]
@@ -71,7 +71,7 @@ def test_bench_compares_settings_side_by_side_and_writes_json(tiny_llama, tmp_pa
 
 
 def test_accuracy_recipes_are_valid_configs_bounded_by_their_goal_time():
-    from textclf.bench_accuracy import GOALS, RECIPES, recipe_config
+    from textclf.recipes.bench_accuracy import GOALS, RECIPES, recipe_config
 
     assert set(RECIPES) == set(GOALS) == {"sst2", "r8"}
     for dataset in RECIPES:
@@ -87,7 +87,7 @@ def test_bench_accuracy_trains_a_tracked_run_and_reports_it_against_the_goal(mlf
     from mlflow import MlflowClient
 
     from entrypoints.bench_accuracy import bench_accuracy
-    from textclf import bench_accuracy as recipes
+    from textclf.recipes import bench_accuracy as recipes
 
     monkeypatch.setitem(recipes.RECIPES, "sst2", dict(
         mode="lora", base_model=tiny_llama, max_length=128, batch_size=8, max_samples=32, max_steps=4, eval_steps=2,

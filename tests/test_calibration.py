@@ -13,8 +13,8 @@ from click.testing import CliRunner
 from mlflow import MlflowClient
 from torch import nn
 
-from textclf.calibration import (expected_calibration_error, fit_temperature, softmax, write_reliability_diagram)
-from textclf.evaluation import misclassified_frame, write_test_artifacts
+from textclf.components.calibration import (expected_calibration_error, fit_temperature, softmax, write_reliability_diagram)
+from textclf.components.evaluation import misclassified_frame, write_test_artifacts
 
 
 def calibrated_logits(n: int = 6000, classes: int = 3, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -112,7 +112,7 @@ class FixedModel(nn.Module):
 def test_predictor_divides_logits_by_the_models_temperature(tiny_llama, temperature):
     from transformers import AutoTokenizer
 
-    from textclf.inference import Predictor
+    from textclf.serving.inference import Predictor
 
     predictor = Predictor(FixedModel(temperature), AutoTokenizer.from_pretrained(tiny_llama))
     texts = ["a gem", "a dull , boring mess of a film"]
@@ -133,7 +133,7 @@ OVERCONFIDENCE = 20.0  # the head's last layer times this: a barely trained mode
 @pytest.fixture
 def overconfident(monkeypatch):
     """Scale the head's output layer just before the run is finished (tested, calibrated, saved)."""
-    import textclf.training as training
+    import textclf.recipes.training as training
 
     original = training.finish_run
 
@@ -157,8 +157,8 @@ def train_run(*args: str) -> str:
 
 
 def saved_model_logits(texts: list[str]) -> np.ndarray:
-    from textclf.inference import Predictor
-    from textclf.model import load_classifier
+    from textclf.serving.inference import Predictor
+    from textclf.components.model import load_classifier
 
     model, tokenizer = load_classifier("outputs/tinysent-lora-seed0/model")
     return Predictor(model, tokenizer).logits(texts)

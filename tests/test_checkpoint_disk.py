@@ -16,7 +16,7 @@ from mlflow import MlflowClient
 from safetensors.torch import load_file
 
 from entrypoints.train import train
-from textclf import checkpoints
+from textclf.components import checkpoints
 
 # A small adapter and a linear head: what training changes is a few percent of the tiny base model.
 TINY = ["--logging_steps", "1", "--batch_size", "8", "--eval_batch_size", "16", "--max_length", "128",
@@ -55,8 +55,8 @@ def test_a_lora_checkpoint_holds_the_adapters_and_head_but_no_frozen_base_weight
 @pytest.mark.slow
 def test_a_lora_run_resumes_from_its_slim_checkpoint_and_ends_on_the_best_one(mlflow_store, tiny_dataset,
                                                                               tiny_llama, monkeypatch):
-    from textclf.inference import Predictor
-    from textclf.model_sources import load_model_source
+    from textclf.serving.inference import Predictor
+    from textclf.serving.sources import load_model_source
 
     args = ["--data_path", str(tiny_dataset), "--base_model", tiny_llama, "--max_steps", "6", *TINY]
     straight = invoke(*args, "--output_dir", "straight")
@@ -101,7 +101,7 @@ def test_a_lora_run_resumes_from_its_slim_checkpoint_and_ends_on_the_best_one(ml
 @pytest.mark.slow
 def test_a_finished_run_keeps_checkpoint_weights_but_no_optimizer_state(mlflow_store, tiny_dataset, tiny_llama,
                                                                          caplog):
-    caplog.set_level(logging.INFO, logger="textclf.checkpoints")
+    caplog.set_level(logging.INFO, logger="textclf.components.checkpoints")
     args = ["--data_path", str(tiny_dataset), "--base_model", tiny_llama, "--max_steps", "4", *TINY]
     first = invoke(*args)
     assert first.exit_code == 0, first.output
@@ -124,7 +124,7 @@ def test_a_checkpoint_lacking_a_trained_weight_is_refused_and_a_slim_one_rebuild
 
     from textclf.config import ModelConfig
     from textclf.errors import TextclfError
-    from textclf.model import build_classifier, rebuild_from_state, trained_state
+    from textclf.components.model import build_classifier, rebuild_from_state, trained_state
 
     torch.manual_seed(0)
     model, tokenizer = build_classifier(ModelConfig(base_model=tiny_llama, lora_r=4, head="linear"), "lora",
@@ -151,9 +151,9 @@ def test_a_checkpoint_lacking_a_trained_weight_is_refused_and_a_slim_one_rebuild
 def test_the_model_folder_and_checkpoints_say_how_they_were_made_and_older_folders_still_load(mlflow_store, tiny_dataset,
                                                                                                tiny_llama):
     from textclf.config import run_config_from_dict
-    from textclf.inference import Predictor
-    from textclf.model import FORMAT_VERSION, RUN_CONFIG_FILE, SPEC_FILE, load_run_config
-    from textclf.model_sources import load_model_source
+    from textclf.serving.inference import Predictor
+    from textclf.components.model import FORMAT_VERSION, RUN_CONFIG_FILE, SPEC_FILE, load_run_config
+    from textclf.serving.sources import load_model_source
 
     result = invoke("--data_path", str(tiny_dataset), "--base_model", tiny_llama, "--max_steps", "2", *TINY)
     assert result.exit_code == 0, result.output

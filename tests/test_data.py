@@ -11,7 +11,7 @@ import pytest
 
 from conftest import REPO, write_jsonl
 from textclf.config import DataConfig
-from textclf.data import load_splits, load_test_split
+from textclf.components.data import load_splits, load_test_split
 from textclf.errors import TextclfError
 
 

@@ -87,10 +87,10 @@ def test_two_process_zero3_run_is_one_finished_run_with_a_consolidated_model(two
     assert config["zero_optimization"]["stage"] == 3
 
     # The consolidated model reproduces what the engine measured on validation at the selected step.
-    from textclf.data import load_test_split
-    from textclf.evaluation import classification_metrics
-    from textclf.inference import Predictor
-    from textclf.model import load_classifier
+    from textclf.components.data import load_test_split
+    from textclf.components.evaluation import classification_metrics
+    from textclf.serving.inference import Predictor
+    from textclf.components.model import load_classifier
 
     out = tmp_path / "outputs" / "tinysent-lora-seed42"
     model, tokenizer = load_classifier(out / "model")
@@ -98,7 +98,7 @@ def test_two_process_zero3_run_is_one_finished_run_with_a_consolidated_model(two
     from safetensors import safe_open
 
     from textclf.config import ModelConfig
-    from textclf.model import build_classifier
+    from textclf.components.model import build_classifier
 
     fresh, _ = build_classifier(ModelConfig(base_model=tiny_llama), "lora", model.spec.label_names,
                                 model.spec.prompt_template, model.spec.max_length)
@@ -178,7 +178,7 @@ def test_one_process_deepspeed_trains_the_recipe_train_trains(tmp_path, mlflow_s
 def test_a_users_deepspeed_config_with_cpu_offload_trains_and_is_logged(tmp_path, mlflow_store, tiny_dataset, tiny_llama):
     """-P deepspeed_config=FILE replaces the built config whole; with optimizer and parameters offloaded to the CPU
     (what -P offload=cpu builds), training runs on DeepSpeed's CPU Adam with the head's own learning rate."""
-    from textclf.deepspeed import build_deepspeed_config
+    from textclf.distributed.zero3 import build_deepspeed_config
 
     built = build_deepspeed_config("fp32", offload="cpu")
     assert built["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
@@ -233,7 +233,7 @@ def test_two_nodes_train_like_one_node_with_two_processes(tmp_path, mlflow_store
     the same parameters, data and scripted scores."""
     from safetensors.torch import load_file
 
-    from textclf.deepspeed import free_port
+    from textclf.distributed.zero3 import free_port
 
     one_node, dataset, _ = two_process_run
     env = mlflow_env(os.environ["MLFLOW_TRACKING_URI"])

@@ -33,7 +33,7 @@ def test_the_demo_trains_minilm_on_all_of_sst2_and_tests_on_the_full_split():
 
 def test_the_demo_trains_two_epochs_only_where_bf16_makes_them_fit(tmp_path):
     """The Makefile reads the CPU's flags (CPUINFO, /proc/cpuinfo by default) as textclf's precision=auto does."""
-    from textclf.trainer_setup import cpu_has_fast_bf16
+    from textclf.components.trainer import cpu_has_fast_bf16
 
     for flags, bf16 in (("fpu avx2 fma", False), ("avx2 avx512f avx512_bf16", True), ("avx2 amx_bf16 amx_tile", True)):
         cpuinfo = tmp_path / "cpuinfo"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from textclf.config import DEFAULT_PROMPT_TEMPLATE
-from textclf.encoding import PromptEncoder, format_prompt
+from textclf.components.encoding import PromptEncoder, format_prompt
 from textclf.errors import TextclfError
 
 NAMES = ["Negative", "Positive"]
@@ -44,7 +44,7 @@ def test_slow_tokenizer_truncation_cuts_the_text_not_the_template(tmp_path, buil
 
 
 def test_hub_ids_without_a_slash_are_hub_ids():
-    from textclf.model import load_tokenizer, resolve_model_path
+    from textclf.components.model import load_tokenizer, resolve_model_path
 
     assert resolve_model_path("gpt2") == "gpt2"
     assert resolve_model_path("distilbert-base-uncased") == "distilbert-base-uncased"

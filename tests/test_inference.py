@@ -14,8 +14,8 @@ import pytest
 import torch
 from torch import nn
 
-from textclf.encoding import format_prompt
-from textclf.inference import Predictor
+from textclf.components.encoding import format_prompt
+from textclf.serving.inference import Predictor
 
 TEMPLATE = "Review: {text} Classes: {class_labels} answer:"
 NAMES = ["Long", "Short"]

@@ -50,7 +50,7 @@ def test_mlflow_run_train_end_to_end(tmp_path, mlflow_store, tiny_dataset, tiny_
     again = subprocess.run(command, cwd=tmp_path, env=mlflow_env(mlflow_store), capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "already finished" in again.stdout + again.stderr
-    # textclf deletes MLflow's duplicate once `mlflow run` has exited (see textclf/project_run.py)
+    # textclf deletes MLflow's duplicate once `mlflow run` has exited (see textclf/records/project_run.py)
     assert eventually(lambda: [r.info.run_id for r in client.search_runs([experiment.experiment_id])] == [run.info.run_id])
     assert len(client.search_model_versions("name = 'textclf-tinysent'")) == 1
 

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from textclf.config import ModelConfig
-from textclf.encoding import PromptEncoder, format_prompt
+from textclf.components.encoding import PromptEncoder, format_prompt
 from textclf.errors import TextclfError
-from textclf.inference import Predictor
-from textclf.model import MLPHead, base_of, build_classifier, load_classifier, save_classifier
+from textclf.serving.inference import Predictor
+from textclf.components.model import MLPHead, base_of, build_classifier, load_classifier, save_classifier
 
 TEXTS = ["a gem", "a dull , boring mess that goes on and on and never ends", "fine", "great acting and a moving story"]
 NAMES = ["Negative", "Positive"]
@@ -76,7 +76,7 @@ def test_missing_or_invalid_base_model(tmp_path):
 def test_a_saved_model_is_no_base_model_and_a_newer_folder_format_is_refused(tmp_path, tiny_llama):
     import json
 
-    from textclf.model import FORMAT_VERSION, SPEC_FILE
+    from textclf.components.model import FORMAT_VERSION, SPEC_FILE
 
     model, tokenizer = make(tiny_llama)
     save_classifier(model, tokenizer, tmp_path / "model", {"seed": 0})
@@ -114,7 +114,7 @@ def test_save_load_round_trip_and_merged_equals_adapter(tmp_path, tiny_llama, mo
 
 def test_truncation_cuts_the_text_not_the_template(tiny_llama):
     from textclf.config import DEFAULT_PROMPT_TEMPLATE
-    from textclf.model import load_tokenizer
+    from textclf.components.model import load_tokenizer
 
     tokenizer = load_tokenizer(tiny_llama)
     encoder = PromptEncoder(tokenizer, DEFAULT_PROMPT_TEMPLATE, NAMES, max_length=120)
@@ -129,7 +129,7 @@ def test_truncation_cuts_the_text_not_the_template(tiny_llama):
 def test_fast_cpu_dropout_drops_at_the_rate_and_scales_like_torch():
     import torch
 
-    from textclf.dropout import FastCPUDropout
+    from textclf.components.dropout import FastCPUDropout
 
     dropout = FastCPUDropout(0.1).train()
     x = torch.ones(1000, 1001, requires_grad=True)
@@ -149,8 +149,8 @@ def test_fast_cpu_dropout_replaces_every_lora_and_head_dropout(tiny_llama):
     from torch import nn
 
     from textclf.config import ModelConfig
-    from textclf.dropout import FastCPUDropout, use_fast_cpu_dropout
-    from textclf.model import build_classifier
+    from textclf.components.dropout import FastCPUDropout, use_fast_cpu_dropout
+    from textclf.components.model import build_classifier
 
     model, _ = build_classifier(ModelConfig(base_model=tiny_llama), "lora", ["a", "b"], "{text}", 64)
     assert use_fast_cpu_dropout(model) == 2 * 7 + 2  # 7 LoRA projections in each of 2 layers, 2 in the head

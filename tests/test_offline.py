@@ -1,6 +1,6 @@
 """What textclf adds when the tracking server goes away: the run's records go to a journal on disk, the process
 gets MLflow's retries back once the run is over, and `textclf sync` uploads the journal, safely repeated after a
-failure at any point. The server's absence is injected where textclf meets it (textclf.offline.OfflineRecords);
+failure at any point. The server's absence is injected where textclf meets it (textclf.records.offline.OfflineRecords);
 tests/test_outage.py does the same against a real `mlflow server` that is stopped."""
 
 from __future__ import annotations
@@ -13,7 +13,9 @@ import requests
 from click.testing import CliRunner
 from mlflow import MlflowClient
 
-from textclf import offline, tracking
+from textclf.records import offline
+
+from textclf.records import tracking
 
 
 def unreachable():

@@ -17,7 +17,7 @@ from mlflow import MlflowClient
 
 from conftest import REPO, wait_until_answers
 from test_mlproject import mlflow_env
-from textclf.deepspeed import free_port
+from textclf.distributed.zero3 import free_port
 
 pytestmark = pytest.mark.slow
 

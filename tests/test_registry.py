@@ -17,7 +17,7 @@ from mlflow import MlflowClient
 from entrypoints.promote import promote as promote_cli
 from textclf.config import BEST_METRICS, build_config
 from textclf.errors import TextclfError
-from textclf.registry import promote, register_run_model
+from textclf.records.registry import promote, register_run_model
 
 REPO = Path(__file__).resolve().parent.parent
 NAME = "textclf-tinysent"
@@ -205,7 +205,7 @@ def test_an_unreachable_tracking_server_is_one_line_and_exit_2(tmp_path):
 
 
 # Without the file lock (as against a tracking server), only the retry keeps promotions safe.
-_NO_LOCK = ("import contextlib, textclf.registry as r; r._serialized = lambda uri: contextlib.nullcontext(); "
+_NO_LOCK = ("import contextlib, textclf.records.registry as r; r._serialized = lambda uri: contextlib.nullcontext(); "
             "from entrypoints.promote import promote; promote()")
 
 

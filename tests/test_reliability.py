@@ -65,7 +65,7 @@ def test_a_failure_setting_the_first_tags_ends_the_run_failed(mlflow_store, tiny
 
 @pytest.mark.slow
 def test_nan_loss_stops_the_run_failed_naming_the_step(mlflow_store, tiny_dataset, tiny_llama, monkeypatch):
-    from textclf.model import TextClassifier
+    from textclf.components.model import TextClassifier
 
     forward = TextClassifier.forward
     trained_rows = [0]

@@ -190,7 +190,7 @@ def test_a_run_killed_before_its_first_checkpoint_is_ended_by_the_next_start(tmp
 
 
 def test_a_run_of_a_live_process_is_not_ended_and_its_folder_is_not_shared(mlflow_store):
-    from textclf import tracking
+    from textclf.records import tracking
     from textclf.errors import TextclfError
 
     mlflow.set_experiment("textclf-live")
@@ -202,7 +202,7 @@ def test_a_run_of_a_live_process_is_not_ended_and_its_folder_is_not_shared(mlflo
 
 
 def _probe_many(folder: str) -> int:
-    from textclf.checkpoints import ensure_writable
+    from textclf.components.checkpoints import ensure_writable
 
     for _ in range(3000):
         ensure_writable(Path(folder))
@@ -221,7 +221,7 @@ def test_ranks_probing_one_output_folder_at_once_never_see_it_unwritable(tmp_pat
 def test_two_prompts_that_differ_past_the_param_limit_are_two_recipes(tmp_path):
     """MLflow params are cut at 500 characters; a recipe compares whole values, so a long prompt changed near its end
     is another recipe: the folder of one is not recognised as the other's, nor resumed into it."""
-    from textclf.checkpoints import plan_output_dir, recipe, record_finished
+    from textclf.components.checkpoints import plan_output_dir, recipe, record_finished
     from textclf.config import build_config, flatten
     from textclf.errors import TextclfError
 

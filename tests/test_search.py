@@ -22,7 +22,7 @@ from mlflow import MlflowClient
 from conftest import REPO
 from entrypoints.search import search
 from test_mlproject import mlflow_env
-from textclf.deepspeed import free_port
+from textclf.distributed.zero3 import free_port
 
 TINY = ["--logging_steps", "1", "--batch_size", "8", "--eval_batch_size", "16", "--max_length", "128",
         "--precision", "fp32", "--mode", "lora", "--eval_steps", "2", "--save_steps", "2", "--max_steps", "4",
@@ -88,7 +88,7 @@ def test_a_refused_space_starts_nothing(mlflow_store, tmp_path, monkeypatch):
 
 def test_space_files_and_defaults_are_checked_like_inline_text(tmp_path):
     from textclf.errors import TextclfError
-    from textclf.search_space import DEFAULT_SPACES, parse_space
+    from textclf.recipes.search_space import DEFAULT_SPACES, parse_space
 
     path = tmp_path / "space.yaml"
     path.write_text("learning_rate: log(1e-5, 1e-3)\nlora_r: [8, 16, 64]\nwarmup_ratio: {low: 0, high: 0.2}\n"
@@ -107,7 +107,7 @@ def test_space_files_and_defaults_are_checked_like_inline_text(tmp_path):
 def test_a_retry_takes_its_trials_place_and_a_trial_past_n_trials_is_surplus():
     """The counting behind n_trials, on a real in-memory study: a failed-and-retried trial holds one place (its
     retry's), and of two trials started at once for the last place, the lower number runs."""
-    from textclf.search_study import SURPLUS, is_surplus, retry, tally
+    from textclf.recipes.search_study import SURPLUS, is_surplus, retry, tally
 
     study = optuna.create_study()
     study.enqueue_trial({"x": 1.0})
@@ -151,7 +151,7 @@ def test_pruning_stops_a_worse_trial_that_still_logs_a_complete_run(mlflow_store
     second 0.1, below the median of the finished ones at its first evaluation: the median pruner stops it at
     step 2 of 4. Its run still ends FINISHED with its curve up to there, test report and model, tagged pruned;
     the best (first) trial's model is the one registered."""
-    import textclf.training as training
+    import textclf.recipes.training as training
 
     real, scores = training.make_compute_metrics, iter([0.9, 0.1])
 

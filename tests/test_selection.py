@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from mlflow import MlflowClient
 from safetensors.torch import load_file
 
-import textclf.trainer_setup as trainer_setup
+import textclf.components.trainer as trainer_setup
 from entrypoints.train import train
 from helpers.scripted_metrics import scripted_f1
 

@@ -25,9 +25,9 @@ from mlflow.exceptions import MlflowException
 
 from conftest import REPO, sentiment_rows, wait_until_answers, write_jsonl
 from test_mlproject import mlflow_env
-from textclf.deepspeed import free_port
+from textclf.distributed.zero3 import free_port
 from textclf.errors import TextclfError
-from textclf.server_errors import redact, refusal_error
+from textclf.records.server_errors import redact, refusal_error
 
 TINY = ["--logging_steps", "1", "--batch_size", "8", "--eval_batch_size", "16", "--max_length", "128",
         "--precision", "fp32", "--mode", "lora", "--learning_rate", "5e-3", "--eval_steps", "2", "--save_steps", "2",

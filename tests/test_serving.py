@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 
 from conftest import wait_until_answers
-from textclf.deepspeed import free_port
+from textclf.distributed.zero3 import free_port
 
 TEXTS = ["a wonderful , moving film", "a dull , boring mess that goes on and on", "fine", "great acting"]
 
@@ -27,7 +27,7 @@ def model_uri(mlflow_store, tiny_llama, tmp_path) -> str:
 
     from textclf import serving
     from textclf.config import DEFAULT_PROMPT_TEMPLATE, ModelConfig
-    from textclf.model import build_classifier, save_classifier
+    from textclf.components.model import build_classifier, save_classifier
 
     torch.manual_seed(0)
     model, tokenizer = build_classifier(ModelConfig(base_model=tiny_llama), "full", ["Negative", "Positive"],
@@ -137,11 +137,11 @@ def test_a_batch_size_below_one_is_refused(pyfunc):
 
 
 def test_models_load_where_they_predict_and_a_forced_cpu_copy_stays_on_the_cpu(model_uri, tmp_path, monkeypatch):
-    """The device a loaded model predicts on comes from one place (textclf.serving.serving_device): the pyfunc model,
+    """The device a loaded model predicts on comes from one place (textclf.serving.pyfunc.serving_device): the pyfunc model,
     and `evaluate`/`predict` given a saved folder, go there; a copy loaded with the CPU forced (what the GPU check
     compares the GPU with) stays on the CPU. PyTorch's meta device stands in for the GPU this machine lacks."""
-    from textclf.model_sources import load_model_source
-    from textclf.serving import forced_device
+    from textclf.serving.sources import load_model_source
+    from textclf.serving.pyfunc import forced_device
 
     monkeypatch.setenv("TEXTCLF_DEVICE", "meta")
     default = mlflow.pyfunc.load_model(model_uri).unwrap_python_model().predictor

@@ -7,9 +7,9 @@ import signal
 
 import pytest
 
-from textclf import signals
+from textclf.process import signals
 from textclf.errors import TrainingInterrupted
-from textclf.signals import deferred_interrupts, interrupts_raise
+from textclf.process.signals import deferred_interrupts, interrupts_raise
 
 
 @pytest.fixture(autouse=True)

@@ -19,7 +19,7 @@ from conftest import tracking_store, wait_until_answers, write_tiny_dataset
 from entrypoints.predict import predict
 from entrypoints.sweep import sweep
 from test_mlproject import mlflow_env
-from textclf.deepspeed import free_port
+from textclf.distributed.zero3 import free_port
 
 TINY = ["--logging_steps", "1", "--batch_size", "8", "--eval_batch_size", "16", "--max_length", "128",
         "--precision", "fp32", "--max_steps", "4", "--eval_steps", "2", "--save_steps", "2", "--mode", "lora",
@@ -65,7 +65,7 @@ def test_sweep_parent_aggregates_its_children(swept):
 
 @pytest.mark.slow
 def test_a_failing_seed_is_reported_and_the_rest_aggregated(mlflow_store, tiny_dataset, tiny_llama, monkeypatch):
-    import textclf.sweep as sweep_module
+    import textclf.recipes.sweep as sweep_module
 
     real = sweep_module.run_training
 
@@ -86,7 +86,7 @@ def test_a_failing_seed_is_reported_and_the_rest_aggregated(mlflow_store, tiny_d
 
 @pytest.mark.slow
 def test_pyfunc_by_alias_and_bad_inputs(swept):
-    from textclf.registry import promote as promote_best
+    from textclf.records.registry import promote as promote_best
 
     chosen = promote_best("tinysent", use_stage=False)
     model = mlflow.pyfunc.load_model("models:/textclf-tinysent@champion")
@@ -99,7 +99,7 @@ def test_pyfunc_by_alias_and_bad_inputs(swept):
     assert model.predict(pd.DataFrame({"text": pd.Series([], dtype=object)})).empty
     big = model.predict(pd.DataFrame({"text": texts * 40}), params={"batch_size": 7})
     assert len(big) == 80 and big["label"].tolist() == a["label"].tolist() * 40
-    from textclf.serving import TextClassifierPyfunc
+    from textclf.serving.pyfunc import TextClassifierPyfunc
 
     python_model = model.unwrap_python_model()
     with pytest.raises(Exception, match="row 1: text must be a string, got null"):
@@ -113,7 +113,7 @@ def test_pyfunc_by_alias_and_bad_inputs(swept):
 
 @pytest.mark.slow
 def test_predict_files(swept, tmp_path):
-    from textclf.registry import promote as promote_best
+    from textclf.records.registry import promote as promote_best
 
     promote_best("tinysent", use_stage=False)
     source = tmp_path / "reviews.jsonl"
@@ -134,7 +134,7 @@ def test_predict_files(swept, tmp_path):
 
 @pytest.mark.slow
 def test_rest_serving_answers_like_pyfunc(swept, tmp_path):
-    from textclf.registry import promote as promote_best
+    from textclf.records.registry import promote as promote_best
 
     promote_best("tinysent", use_stage=False)
     port = free_port()

@@ -1,14 +1,14 @@
-"""Thread counts are chosen from the cores this process may use and the ranks sharing them (textclf.threads)."""
+"""Thread counts are chosen from the cores this process may use and the ranks sharing them (textclf.distributed.threads)."""
 
 import subprocess
 import sys
 
-from textclf.threads import available_cores, plan_threads
+from textclf.distributed.threads import available_cores, plan_threads
 
 
 def test_ranks_on_one_machine_split_its_cores(monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    monkeypatch.setattr("textclf.threads.available_cores", lambda: 8)
+    monkeypatch.setattr("textclf.distributed.threads.available_cores", lambda: 8)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     plan = plan_threads()
     assert (plan.intra_op, plan.inter_op, plan.ranks_sharing, plan.source) == (4, 1, 2, "cores / ranks")
@@ -25,7 +25,7 @@ def test_a_users_omp_num_threads_wins(monkeypatch):
 
 def test_the_cores_counted_are_the_process_affinity_not_the_machine():
     # taskset pins a child to one CPU: the plan must see one core there, whatever the machine has.
-    code = "from textclf.threads import plan_threads; print(plan_threads(1).intra_op)"
+    code = "from textclf.distributed.threads import plan_threads; print(plan_threads(1).intra_op)"
     import shutil
 
     if shutil.which("taskset") is None:
@@ -39,7 +39,7 @@ def test_the_cores_counted_are_the_process_affinity_not_the_machine():
 
 
 def test_configure_threads_sets_torch_pools_in_a_fresh_process():
-    code = ("import torch; from textclf.threads import configure_threads; p = configure_threads(1); "
+    code = ("import torch; from textclf.distributed.threads import configure_threads; p = configure_threads(1); "
             "print(p.intra_op, torch.get_num_threads(), torch.get_num_interop_threads())")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={"PATH": "/usr/bin:/bin", "PYTHONPATH": ".", "OMP_NUM_THREADS": "1"}).stdout.split()

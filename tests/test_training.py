@@ -46,7 +46,7 @@ def test_train_tracks_everything_and_logs_a_self_contained_model(request, tmp_pa
     assert params["run.mode"] == mode and params["model.base_model"] == str(base_copy)
     assert float(params["training.learning_rate"]) == float(lr) and params["data.label_names"] == '["0", "1"]'
     assert all(len(value) <= 500 for value in params.values())
-    # The thread counts the run used, chosen on purpose (textclf.threads): every core of this process, one rank.
+    # The thread counts the run used, chosen on purpose (textclf.distributed.threads): every core of this process, one rank.
     import torch
 
     assert params["threads.intra_op"] == str(torch.get_num_threads()) and params["threads.inter_op"] == "1"
@@ -104,8 +104,8 @@ def test_best_checkpoint_is_selected_and_survives_the_limit(mlflow_store, tiny_d
     assert best_checkpoint.exists()
     assert all((p / "COMPLETE").exists() for p in Path("outputs/tinysent-lora-seed42").glob("checkpoint-*"))
     # the logged model is the best checkpoint: same predictions on the test texts
-    from textclf.inference import Predictor
-    from textclf.model_sources import load_model_source
+    from textclf.serving.inference import Predictor
+    from textclf.serving.sources import load_model_source
 
     logged = pd.read_parquet(client.download_artifacts(run_id, "test/predictions.parquet", "."))
     loaded = load_model_source(str(best_checkpoint))
@@ -165,7 +165,7 @@ def test_an_epoch_schedule_with_accumulation_a_loss_criterion_and_a_linear_head(
     losses = {m.step: m.value for m in client.get_metric_history(run_id, "eval/loss")}
     best_step = min(losses, key=lambda step: (losses[step], step))
     assert metrics["best/step"] == best_step and metrics["best/loss"] == pytest.approx(losses[best_step])
-    from textclf.model import LinearHead, load_classifier
+    from textclf.components.model import LinearHead, load_classifier
 
     model, _ = load_classifier("outputs/tinysent-full-seed42/model")
     assert model.spec.head == "linear" and isinstance(model.head, LinearHead)
@@ -177,8 +177,8 @@ def test_head_learning_rate_builds_its_own_groups_and_decay_spares_biases_and_no
     from transformers import TrainingArguments
 
     from textclf.config import build_config
-    from textclf.trainer_setup import ClassifierTrainer
-    from textclf.model import build_classifier
+    from textclf.components.trainer import ClassifierTrainer
+    from textclf.components.model import build_classifier
 
     config = build_config("full", base_model=tiny_llama)
     model, _ = build_classifier(config.model, "full", ["a", "b"], config.data.prompt_template, 128)
@@ -204,10 +204,10 @@ def test_group_by_length_does_not_change_evaluation_of_a_checkpoint(mlflow_store
     from transformers import TrainingArguments
 
     from textclf.config import build_config
-    from textclf.data import load_splits
-    from textclf.encoding import PromptEncoder
-    from textclf.model import build_classifier
-    from textclf.trainer_setup import ClassifierTrainer, make_compute_metrics, training_collator
+    from textclf.components.data import load_splits
+    from textclf.components.encoding import PromptEncoder
+    from textclf.components.model import build_classifier
+    from textclf.components.trainer import ClassifierTrainer, make_compute_metrics, training_collator
     from transformers import set_seed
 
     config = build_config("lora", data_path=str(tiny_dataset), base_model=tiny_llama, max_length=128)
@@ -216,8 +216,8 @@ def test_group_by_length_does_not_change_evaluation_of_a_checkpoint(mlflow_store
     model, tokenizer = build_classifier(config.model, "lora", splits.label_names, config.data.prompt_template, 128)
     encoder = PromptEncoder(tokenizer, config.data.prompt_template, splits.label_names, 128)
     eval_set, _ = encoder.dataset(splits.validation["text"], splits.validation["label"])
-    from textclf.inference import Predictor
-    from textclf.evaluation import classification_metrics
+    from textclf.serving.inference import Predictor
+    from textclf.components.evaluation import classification_metrics
 
     reference = Predictor(model, tokenizer, batch_size=1).predict_proba(splits.validation["text"].tolist())
     expected = classification_metrics(splits.validation["label"], reference.argmax(1), 2)

@@ -46,7 +46,7 @@ def preset(help: str, *, full: Any, lora: Any, **allowed: Any) -> Any:
 # range and choice checks and the MLproject parameters are derived from these fields (textclf/parameters.py).
 # After adding or changing one, run `make mlproject`. Fields without help are not parameters.
 # A new parameter's default must reproduce what textclf did before it existed: folders written then lack it in
-# their recipe and still resume while it is at its default (textclf.checkpoints.differences).
+# their recipe and still resume while it is at its default (textclf.components.checkpoints.differences).
 
 
 @dataclass(frozen=True)

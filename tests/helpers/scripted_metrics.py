@@ -1,6 +1,6 @@
 """Validation scores scripted per evaluation, so a test can decide which step scores best.
 
-Wraps textclf.trainer_setup.classification_metrics, the metrics of every evaluation during training (the test
+Wraps textclf.components.trainer.classification_metrics, the metrics of every evaluation during training (the test
 split is scored elsewhere): the n-th call returns the real metrics with ``f1_macro`` replaced by the n-th value,
 or raises when that value is "raise"; calls past the script return the real metrics."""
 
@@ -27,7 +27,7 @@ def install_from_environment(variable: str = "TEXTCLF_TEST_SCRIPTED_F1") -> None
     import os
 
     if os.environ.get(variable):
-        import textclf.trainer_setup as trainer_setup
+        import textclf.components.trainer as trainer_setup
 
         trainer_setup.classification_metrics = scripted_f1(trainer_setup.classification_metrics,
                                                            os.environ[variable].split(","))

@@ -26,7 +26,7 @@ if os.environ.get("TEXTCLF_TEST_SCRIPTED_F1") and RANK is not None:
 if os.environ.get("TEXTCLF_TEST_RANK0_FINISH_DELAY") and RANK == "0":
     import time
 
-    import textclf.training as training
+    import textclf.recipes.training as training
 
     _finish = training.finish_run
 

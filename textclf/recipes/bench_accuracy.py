@@ -37,7 +37,7 @@ RECIPES: dict[str, dict[str, Any]] = {
 
 
 def recipe_config(dataset: str, output_dir: str = "outputs/bench"):
-    from textclf.base_models import minilm_path
+    from textclf.components.base_models import minilm_path
 
     recipe = dict(RECIPES[dataset])
     if recipe["base_model"] == "minilm":
@@ -50,7 +50,7 @@ def run_accuracy(dataset: str) -> dict[str, Any]:
     """Train the dataset's recipe and return its measured times and test metrics beside the goal."""
     import mlflow
 
-    from textclf.training import run_training
+    from textclf.recipes.training import run_training
 
     config = recipe_config(dataset)
     result = run_training(config, extra_tags={"bench": "accuracy"})

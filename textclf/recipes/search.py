@@ -9,8 +9,8 @@ Several processes, on one machine (the journal file under the study's folder) or
 storage), share a study by running the same command. The parent run is owned by one process at a time: the one
 that created the study, or, once that one is gone, the next start that claims it (recorded in the study's
 ``textclf.owner``). The owner logs the summary once every trial has ended; the other workers only run trials,
-which they attach to the parent with the ``mlflow.parentRunId`` tag. textclf/search_study.py counts and recovers
-trials; textclf/search_report.py writes the summary; textclf/search_space.py reads and checks the space.
+which they attach to the parent with the ``mlflow.parentRunId`` tag. textclf/recipes/search_study.py counts and recovers
+trials; textclf/recipes/search_report.py writes the summary; textclf/recipes/search_space.py reads and checks the space.
 """
 
 from __future__ import annotations
@@ -31,19 +31,23 @@ import pandas as pd
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 
-from textclf import checkpoints, signals, tracking
+from textclf.components import checkpoints
+
+from textclf.process import signals
+
+from textclf.records import tracking
 from textclf.config import DEFAULT_MODE, PARAM_VALUE_LIMIT, build_config, parse_seed, run_parameters
 from textclf.errors import TextclfError, TrainingInterrupted
-from textclf.registry import LOWER_IS_BETTER
-from textclf.search_report import best_summary, log_summary, register_best, trials_table
-from textclf.search_space import SearchSpace, check_trial_configs, describe
-from textclf.search_study import (OWNER, PROCESS, PRUNED_AT, RUNS, SURPLUS, PruningCallback, Tally, claim_owner,
+from textclf.records.registry import LOWER_IS_BETTER
+from textclf.recipes.search_report import best_summary, log_summary, register_best, trials_table
+from textclf.recipes.search_space import SearchSpace, check_trial_configs, describe
+from textclf.recipes.search_study import (OWNER, PROCESS, PRUNED_AT, RUNS, SURPLUS, PruningCallback, Tally, claim_owner,
                                   is_surplus, make_pruner, make_sampler, open_storage, owner_alive, owner_holds,
                                   owner_record, process_record, quiet_experimental, recover_dead_trials,
                                   release_owner, retry, tally)
-from textclf.server_errors import redact
-from textclf.search_workers import worker_processes
-from textclf.training import run_training
+from textclf.records.server_errors import redact
+from textclf.recipes.search_workers import worker_processes
+from textclf.recipes.training import run_training
 
 log = logging.getLogger(__name__)
 
@@ -139,8 +143,8 @@ class _Search:
 
     def run(self) -> SearchResult:
         if self.base.register:  # before any trial: a best model that could not be registered would be wasted
-            from textclf.data import load_splits
-            from textclf.registry import data_tags
+            from textclf.components.data import load_splits
+            from textclf.records.registry import data_tags
 
             splits = load_splits(self.base.data)  # every trial trains on these rows: data is not searched
             tracking.check_registrable(self.base.dataset_name, splits.dataset_digest)
@@ -426,6 +430,6 @@ def _frozen(study: optuna.Study, number: int) -> FrozenTrial:
 
 
 def _seed_of_best(trial: FrozenTrial, metric: str, lower_is_better: bool) -> int | None:
-    from textclf.search_report import best_run
+    from textclf.recipes.search_report import best_run
 
     return best_run(trial, metric, lower_is_better).get("seed")

@@ -2,7 +2,7 @@
 
 Dividing a row's logits by the same T > 0 keeps their order, so labels never change; only the scores
 do. The fitted T is stored in the model's spec (``spec.extra["temperature"]``) and applied by
-:class:`textclf.inference.Predictor`. Calibration is measured by the expected calibration error (ECE)
+:class:`textclf.serving.inference.Predictor`. Calibration is measured by the expected calibration error (ECE)
 over 15 equal-width bins of the top probability, and drawn as a reliability diagram.
 """
 

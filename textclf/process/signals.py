@@ -20,7 +20,7 @@ from typing import Iterator
 from transformers import TrainerCallback
 
 from textclf.errors import TrainingInterrupted
-from textclf.ranks import any_rank
+from textclf.distributed.ranks import any_rank
 
 
 class _Interrupts:

@@ -13,7 +13,7 @@ import warnings
 from tqdm.auto import tqdm
 from transformers import TrainerCallback
 
-from textclf.ranks import is_main_process
+from textclf.distributed.ranks import is_main_process
 
 # (category, message regex): warnings about choices textclf makes on purpose.
 HARMLESS_WARNINGS = [
@@ -21,7 +21,7 @@ HARMLESS_WARNINGS = [
     (UserWarning, r"The specified dataset source can be interpreted in multiple ways"),
     # Our label ids are integers and never missing.
     (UserWarning, r"Hint: Inferred schema contains integer column"),
-    # The pyfunc validates its own input (textclf/serving.py) and states its signature.
+    # The pyfunc validates its own input (textclf/serving/pyfunc.py) and states its signature.
     (UserWarning, r".*Add type hints to the `predict` method"),
     # transformers' own gradient-checkpointing internals and datasets' sort options.
     (FutureWarning, r"`is_gradient_checkpointing` is deprecated"),

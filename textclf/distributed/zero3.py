@@ -1,7 +1,7 @@
 """DeepSpeed ZeRO-3: the config built from a run's parameters, the multi-process launch, and gathering the
 trained weights into one model.
 
-The training itself is :func:`textclf.training.run_training`, unchanged: the Trainer drives the
+The training itself is :func:`textclf.recipes.training.run_training`, unchanged: the Trainer drives the
 DeepSpeed engine when ``TrainingArguments(deepspeed=...)`` is set.
 """
 
@@ -18,11 +18,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from textclf.checkpoints import WEIGHTS_FILE
+from textclf.components.checkpoints import WEIGHTS_FILE
 from textclf.errors import TextclfError, TrainingInterrupted
-from textclf.ranks import is_main_process
-from textclf.signals import SAME_INTERRUPT_SECONDS
-from textclf.threads import configure_threads, plan_threads
+from textclf.distributed.ranks import is_main_process
+from textclf.process.signals import SAME_INTERRUPT_SECONDS
+from textclf.distributed.threads import configure_threads, plan_threads
 
 log = logging.getLogger(__name__)
 
@@ -105,12 +105,12 @@ def launch(num_procs: int, worker_args: list[str], nodes: Nodes = Nodes()) -> in
                       f"--master_port={nodes.master_port}"]
     command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={num_procs}", *rendezvous,
                f"--shutdown_timeout={SHUTDOWN_SECONDS}", "-m", "entrypoints.train_deepspeed", "--worker", *worker_args]
-    # Each rank's OpenMP pool from its start, by the one rule of textclf.threads (a user's OMP_NUM_THREADS wins).
+    # Each rank's OpenMP pool from its start, by the one rule of textclf.distributed.threads (a user's OMP_NUM_THREADS wins).
     env = {**os.environ, "OMP_NUM_THREADS": str(plan_threads(ranks_sharing=num_procs).intra_op)}
     if "OMP_NUM_THREADS" not in os.environ:
         env[RANK_THREADS_FROM_LAUNCHER] = "1"
     # torchrun (which puts each rank in a session of its own) in a session of its own too, so that a terminal's
-    # Ctrl-C reaches only this process; signals are passed on to it, by textclf.signals' rule: a repeat within
+    # Ctrl-C reaches only this process; signals are passed on to it, by textclf.process.signals' rule: a repeat within
     # SAME_INTERRUPT_SECONDS is the same interrupt (under `mlflow run`, Ctrl-C arrives as SIGINT then SIGTERM),
     # and at most one later, insisting signal follows (a third one makes torchrun exit and orphan its ranks).
     # torchrun then stops the ranks with the signal it got and waits for them (up to the shutdown timeout,
@@ -144,7 +144,7 @@ def launch(num_procs: int, worker_args: list[str], nodes: Nodes = Nodes()) -> in
 def leave_process_group() -> None:
     """Every rank, at the same point: barrier, then destroy the process group (without the barrier, rank 1 was seen
     aborting at exit after MLflow logging). A rank that goes on alone afterwards takes the cores of its machine,
-    unless the user chose the thread count (textclf.threads)."""
+    unless the user chose the thread count (textclf.distributed.threads)."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
@@ -178,18 +178,18 @@ def consolidate(trainer, model, folder: Path):
     from safetensors import safe_open
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
-    from textclf.model import rebuild_from_state
+    from textclf.components.model import rebuild_from_state
 
     # Writes the weights and, on rank 0, the training collator's tokenizer (the Trainer saves it with them).
     trainer.save_model(str(folder))
-    # The last collective: the ranks part here. What follows is rank 0's alone and may take long (rebuilding here,
-    # then calibration, test and logging), so no rank waits for it in a collective with a timeout.
+    free_engine(trainer)  # while the process group lives: the engine's teardown asks for its rank
+    # The ranks part here. What follows is rank 0's alone and may take long (rebuilding here, then calibration,
+    # test and logging), so no rank waits for it in a collective with a timeout.
     leave_process_group()
     # Training is over: without this, loading the base model below would start a ZeRO-3 partitioned load.
     unset_hf_deepspeed_config()
     if not is_main_process():
         return None
-    free_engine(trainer)
     model.spec.save(folder)
     rebuilt, _ = rebuild_from_state(folder, folder / WEIGHTS_FILE)
     with safe_open(str(folder / WEIGHTS_FILE), "pt") as weights:

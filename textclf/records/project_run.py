@@ -36,7 +36,7 @@ def finish_after_mlflow_run(run_id: str, status: str | None = None, delete: bool
     Returns False (doing nothing) when the parent is not `mlflow run`."""
     if not parent_is_mlflow_run():
         return False
-    command = [sys.executable, "-m", "textclf.project_run", "--wait-pid", str(os.getppid()), "--run-id", run_id]
+    command = [sys.executable, "-m", "textclf.records.project_run", "--wait-pid", str(os.getppid()), "--run-id", run_id]
     command += ["--status", status] if status else []
     command += ["--delete"] if delete else []
     subprocess.Popen(command, start_new_session=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,

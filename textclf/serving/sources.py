@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from textclf.errors import TextclfError
-from textclf.model import BACKBONE_DIR, SPEC_FILE, TextClassifier, load_classifier, rebuild_from_state
+from textclf.components.model import BACKBONE_DIR, SPEC_FILE, TextClassifier, load_classifier, rebuild_from_state
 
 
 @dataclass
@@ -24,10 +24,10 @@ class LoadedModel:
 
 def load_model_source(reference: str) -> LoadedModel:
     """Detect what ``reference`` is and load it onto the device a loaded model predicts on (the GPU when there is
-    one, as the pyfunc model does: textclf.serving.serving_device). Raises TextclfError when it is none of the
+    one, as the pyfunc model does: textclf.serving.pyfunc.serving_device). Raises TextclfError when it is none of the
     known kinds."""
     loaded = _load(reference)
-    from textclf.serving import serving_device
+    from textclf.serving.pyfunc import serving_device
 
     loaded.model.to(serving_device())
     return loaded

@@ -12,16 +12,16 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from textclf.calibration import TEMPERATURE_KEY, softmax
-from textclf.encoding import PromptEncoder, batches_by_length, pad_batch
-from textclf.model import TextClassifier
+from textclf.components.calibration import TEMPERATURE_KEY, softmax
+from textclf.components.encoding import PromptEncoder, batches_by_length, pad_batch
+from textclf.components.model import TextClassifier
 
 
 class Predictor:
     """Class probabilities for raw texts, in input order, ``batch_size`` texts per forward pass.
 
     Probabilities are softmax(logits / T) with the temperature T fitted after training and kept in the
-    model's spec (``spec.extra["temperature"]``, see textclf.calibration); a model without one has T = 1.
+    model's spec (``spec.extra["temperature"]``, see textclf.components.calibration); a model without one has T = 1.
     """
 
     def __init__(self, model: TextClassifier, tokenizer, batch_size: int = 32, progress: bool = False):

@@ -15,7 +15,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from sklearn.metrics import accuracy_score, classification_report, confusion_matrix, precision_recall_fscore_support  # noqa: E402
 
-from textclf.calibration import expected_calibration_error, write_reliability_diagram  # noqa: E402
+from textclf.components.calibration import expected_calibration_error, write_reliability_diagram  # noqa: E402
 
 METRIC_NAMES = ("accuracy", "f1_macro", "precision_macro", "recall_macro")
 

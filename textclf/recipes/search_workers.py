@@ -1,6 +1,6 @@
 """Worker processes of a search on this machine (``workers=N``): the same command N-1 more times, each process
 with its share of the cores, and one GPU each when there are enough (CUDA_VISIBLE_DEVICES, or every GPU). Every process is an
-ordinary worker of the study (textclf.search); nothing is passed between them but the study."""
+ordinary worker of the study (textclf.recipes.search); nothing is passed between them but the study."""
 
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ def worker_processes(args: tuple[str, ...], workers: int) -> Iterator[list[int]]
     if count < 1:
         yield codes
         return
-    from textclf.threads import plan_threads
+    from textclf.distributed.threads import plan_threads
 
     saved = {key: os.environ.get(key) for key in ("OMP_NUM_THREADS", "CUDA_VISIBLE_DEVICES")}
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID")}

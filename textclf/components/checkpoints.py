@@ -23,7 +23,7 @@ from typing import Any
 
 from textclf.config import MODES, PARAM_VALUE_LIMIT, TRUNCATED, RunConfig, build_config, flatten
 from textclf.errors import TextclfError
-from textclf.ranks import is_main_process
+from textclf.distributed.ranks import is_main_process
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ def recipe(config: RunConfig, **extra: Any) -> dict[str, str]:
 def recipe_of(config: RunConfig, splits, precision: str, deepspeed: dict | None,
               world_size: int | None = None) -> dict[str, str]:
     """What determines the training in this folder: parameters, engine, precision and the data's content
-    (``splits``: the run's textclf.data.LabeledSplits). ``world_size`` defaults to this process's (the launcher,
+    (``splits``: the run's textclf.components.data.LabeledSplits). ``world_size`` defaults to this process's (the launcher,
     before its processes exist, passes it)."""
     engine = {"engine": "trainer", "world_size": 1}
     if deepspeed is not None:
@@ -159,7 +159,7 @@ def record_finished(output_dir: Path, run_recipe: dict[str, str], **details: Any
 
 # What a checkpoint holds only so that training can continue from it. ZeRO-3's ``global_step*/`` shards
 # are not among them: their ``*_optim_states.pt`` also hold the only fp32 copy of the weights, which
-# evaluating a ``global_stepN`` folder consolidates (textclf.model_sources).
+# evaluating a ``global_stepN`` folder consolidates (textclf.serving.sources).
 RESUME_ONLY_FILES = ("optimizer.pt", "scheduler.pt", "scaler.pt", "rng_state*.pth")
 
 

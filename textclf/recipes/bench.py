@@ -22,10 +22,10 @@ from torch import nn
 from transformers import DataCollatorWithPadding, TrainerCallback
 
 from textclf.config import RunConfig, build_config
-from textclf.data import load_splits
-from textclf.encoding import PromptEncoder, batches_by_length, pad_batch
-from textclf.model import TextClassifier, base_of
-from textclf.trainer_setup import (BatchCounts, ClassifierTrainer, prepare, resolve_precision, training_arguments,
+from textclf.components.data import load_splits
+from textclf.components.encoding import PromptEncoder, batches_by_length, pad_batch
+from textclf.components.model import TextClassifier, base_of
+from textclf.components.trainer import (BatchCounts, ClassifierTrainer, prepare, resolve_precision, training_arguments,
                                    training_collator)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -80,7 +80,7 @@ class FlopModel:
     def of(cls, model: TextClassifier) -> "FlopModel":
         """Count ``model``'s linear weights by the gradients training computes for them, observed in one forward
         pass of a 4-token row with gradients enabled (which inputs require a gradient)."""
-        from textclf.model import transformer_layers
+        from textclf.components.model import transformer_layers
 
         base = base_of(model.backbone)
         layers = transformer_layers(base)
@@ -112,7 +112,7 @@ class FlopModel:
 
     def training_flops(self, real_tokens: float, attention_pairs: float) -> float:
         """Useful FLOPs of training on ``real_tokens`` tokens whose rows hold ``attention_pairs`` query-key pairs
-        (the sum of each row's squared real length; textclf.trainer_setup.BatchCounts counts both)."""
+        (the sum of each row's squared real length; textclf.components.trainer.BatchCounts counts both)."""
         per_token = 2 * (self.linear_weights + self.input_gradient_weights + self.trained_weights)
         per_pair = 4 * self.attention_width * (self.forward_only_layers + 3 * self.layers)
         return real_tokens * per_token + attention_pairs * per_pair
@@ -202,7 +202,7 @@ def measure_training(config: RunConfig, pad_to_max_length: bool, setting: str, *
     if attention:
         base.set_attn_implementation(attention)
     if gradient_checkpointing:
-        model.gradient_checkpointing_enable()  # as textclf.training.run_training does
+        model.gradient_checkpointing_enable()  # as textclf.recipes.training.run_training does
     if pad_to_max_length:
         collator = DataCollatorWithPadding(tokenizer, padding="max_length", max_length=config.data.max_length)
     else:
@@ -239,7 +239,7 @@ def measure_prediction(model_dir: Path, model_uri: str, texts: list[str], batch_
     import mlflow.pyfunc
     import pandas as pd
 
-    from textclf.model import load_classifier
+    from textclf.components.model import load_classifier
 
     model, tokenizer = load_classifier(model_dir)
     encoder = PromptEncoder(tokenizer, model.spec.prompt_template, model.spec.label_names, model.spec.max_length)
@@ -275,7 +275,7 @@ def save_logged_model(config: RunConfig, folder: Path) -> tuple[Path, str]:
     import mlflow
 
     from textclf import serving
-    from textclf.model import save_classifier
+    from textclf.components.model import save_classifier
 
     prepared = prepare(config)
     model_dir = folder / "model"
@@ -332,7 +332,7 @@ def format_report(report: dict[str, Any]) -> str:
     lines = [f"{report['base_model']} ({report['mode']}), {report['dataset']}, batch {report['batch_size']}, "
              f"{report['precision']} on {report['device']} ({report['threads']} threads); "
              f"matmul {report['matmul_gflops']['median']:.1f} GFLOP/s median, {report['matmul_gflops']['best']:.1f} best",
-             "MFU: useful training GFLOP/s (textclf.bench.FlopModel) over the matmul rate measured on this machine in "
+             "MFU: useful training GFLOP/s (textclf.recipes.bench.FlopModel) over the matmul rate measured on this machine in "
              "the same precision (median / best of its square matmuls), not a datasheet peak",
              "", "| setting | samples/s | tokens/s | padding | GFLOP/s | MFU (median / best matmul) | vs pad-to-512 |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]

@@ -19,9 +19,9 @@ import pandas as pd  # noqa: E402
 from optuna.storages import RetryHeartbeatStaleTrialCallback  # noqa: E402
 from optuna.trial import FrozenTrial, TrialState  # noqa: E402
 
-from textclf import tracking  # noqa: E402
+from textclf.records import tracking  # noqa: E402
 from textclf.errors import TextclfError  # noqa: E402
-from textclf.search_study import PRUNED_AT, RUNS, SURPLUS, quiet_experimental, retried_numbers, tally  # noqa: E402
+from textclf.recipes.search_study import PRUNED_AT, RUNS, SURPLUS, quiet_experimental, retried_numbers, tally  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -119,9 +119,9 @@ def best_run(trial: FrozenTrial, metric: str, lower_is_better: bool) -> dict[str
 def register_best(study: optuna.Study, trial: FrozenTrial, config, metric: str, lower_is_better: bool,
                   data: dict[str, str] | None = None) -> str:
     """Register the best trial's model as a version of ``textclf-<dataset>`` tagged with the study and trial
-    (``config``: that run's RunConfig; ``data``: textclf.registry.data_tags of its rows), once: the same best run
+    (``config``: that run's RunConfig; ``data``: textclf.records.registry.data_tags of its rows), once: the same best run
     found again keeps its version."""
-    from textclf.registry import register_run_model, registered_model_name, version_of_run
+    from textclf.records.registry import register_run_model, registered_model_name, version_of_run
 
     run = best_run(trial, metric, lower_is_better)
     name = registered_model_name(config.dataset_name)

@@ -26,12 +26,12 @@ from transformers import TrainerCallback
 
 from textclf.config import RunConfig, flatten
 from textclf.errors import TextclfError, TrainingInterrupted
-from textclf.offline import OfflineRecords
-from textclf.ranks import is_main_process, max_over_ranks, sum_over_ranks
-from textclf.server_errors import connection_error
-from textclf.signals import interrupts_raise
-from textclf.store import sqlite_lock
-from textclf.evaluation import log_misclassified, write_confusion, write_test_artifacts
+from textclf.records.offline import OfflineRecords
+from textclf.distributed.ranks import is_main_process, max_over_ranks, sum_over_ranks
+from textclf.records.server_errors import connection_error
+from textclf.process.signals import interrupts_raise
+from textclf.records.store import sqlite_lock
+from textclf.components.evaluation import log_misclassified, write_confusion, write_test_artifacts
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ def tracked_run(
     ``nested`` starts a child of the active run (a sweep's seed). An exception ends the run FAILED
     with the error as tag ``error``; SIGINT/SIGTERM ends it KILLED. The exception is re-raised.
     With ``offline_dir``, a tracking server that becomes unreachable does not stop the run: its records go
-    to ``offline_dir`` (textclf.offline) until `textclf sync` uploads them.
+    to ``offline_dir`` (textclf.records.offline) until `textclf sync` uploads them.
     On ranks other than 0, yields None and logs nothing.
     """
     if not is_main_process():
@@ -74,7 +74,7 @@ def tracked_run(
     except (TrainingInterrupted, KeyboardInterrupt) as exc:
         _end_with_error("KILLED", exc)
         if attach:
-            from textclf.project_run import finish_after_mlflow_run
+            from textclf.records.project_run import finish_after_mlflow_run
 
             finish_after_mlflow_run(run.info.run_id, status="KILLED")  # `mlflow run` would mark it FAILED
         raise
@@ -128,7 +128,7 @@ def attached_run_id() -> str | None:
 def discard_attached_run(reason: str) -> None:
     """Delete the empty run `mlflow run` created when the command had nothing to do (its run had already
     finished), once `mlflow run` has exited: the experiment keeps one run per training."""
-    from textclf.project_run import finish_after_mlflow_run
+    from textclf.records.project_run import finish_after_mlflow_run
 
     run_id = attached_run_id()
     if run_id is None or not is_main_process():
@@ -208,13 +208,13 @@ def end_dead_runs(output_dir: str, status: str = "KILLED",
 
 
 def store_lock():
-    """Serialize first contact with a local sqlite store (textclf.store): it may create the database."""
+    """Serialize first contact with a local sqlite store (textclf.records.store): it may create the database."""
     return sqlite_lock(first_contact=True)
 
 
 def check_registrable(dataset: str, dataset_digest: str) -> None:
-    """Raises TextclfError when textclf-<dataset> holds versions of another dataset (textclf.registry)."""
-    from textclf.registry import check_same_dataset, registered_model_name
+    """Raises TextclfError when textclf-<dataset> holds versions of another dataset (textclf.records.registry)."""
+    from textclf.records.registry import check_same_dataset, registered_model_name
 
     if is_main_process():
         with store_lock():  # may be the first contact with a new store
@@ -247,7 +247,7 @@ def log_run_inputs(config: RunConfig, splits, precision: str, resume_from: Path 
                    process_params: dict[str, str], deepspeed: dict | None) -> None:
     """What a training run starts from: its config (params and ``config.json``), resolved precision, labels and
     row counts, data notes, the datasets with their digests, the process's thread counts and the DeepSpeed
-    config. ``splits`` is the run's textclf.data.LabeledSplits."""
+    config. ``splits`` is the run's textclf.components.data.LabeledSplits."""
     log_config(config)
     mlflow.log_params({"resolved.precision": precision, "data.label_names": json.dumps(splits.label_names)[:500],
                        "data.label_source": splits.label_source,
@@ -304,7 +304,7 @@ def log_dataset(frame: pd.DataFrame, source: str, name: str, context: str) -> No
 
 def log_test_results(folder: Path, texts: list[str], labels: list[int], probabilities, label_names: list[str],
                      uncalibrated=None) -> dict[str, float]:
-    """Score test predictions, write the test artifacts into ``folder`` (textclf.evaluation.write_test_artifacts)
+    """Score test predictions, write the test artifacts into ``folder`` (textclf.components.evaluation.write_test_artifacts)
     and log them to the active run: ``test/*`` metrics, the ``test/`` artifacts and the table of misclassified
     rows (kept on disk while the tracking server is unreachable). Returns the metrics. The one way a trained run,
     ``evaluate`` and the zero-shot baseline report a test split."""

@@ -1,4 +1,4 @@
-"""The parts of a training run that the recipe (:mod:`textclf.training`) wires together, and that the bench
+"""The parts of a training run that the recipe (:mod:`textclf.recipes.training`) wires together, and that the bench
 reuses so it times what ``train`` runs: precision and device, the prepared inputs (:func:`prepare`), the
 Trainer's arguments, collator and optimizer groups, the rows and tokens it trains on, evaluation metrics,
 the standardization of the head's input, and taking up a run whose last checkpoint was written.
@@ -17,14 +17,14 @@ import torch
 from datasets import Dataset
 from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase, Trainer, TrainingArguments, set_seed
 
-from textclf.checkpoints import WEIGHTS_FILE
+from textclf.components.checkpoints import WEIGHTS_FILE
 from textclf.config import RunConfig
-from textclf.data import LabeledSplits, load_splits
-from textclf.dropout import use_fast_cpu_dropout
-from textclf.encoding import EncodedTexts, PromptEncoder, batches_by_length, longest_first, pad_batch
+from textclf.components.data import LabeledSplits, load_splits
+from textclf.components.dropout import use_fast_cpu_dropout
+from textclf.components.encoding import EncodedTexts, PromptEncoder, batches_by_length, longest_first, pad_batch
 from textclf.errors import TextclfError
-from textclf.evaluation import METRIC_NAMES, classification_metrics, confusion
-from textclf.model import TextClassifier, build_classifier, load_trained_state, trained_state
+from textclf.components.evaluation import METRIC_NAMES, classification_metrics, confusion
+from textclf.components.model import TextClassifier, build_classifier, load_trained_state, trained_state
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +129,7 @@ def training_arguments(config: RunConfig, output_dir: Path, precision: str, deep
         greater_is_better=greater,
         logging_steps=t.logging_steps,
         logging_nan_inf_filter=False,  # a NaN loss must reach our callback, not be averaged away
-        report_to=[],  # MLflow logging is explicit, in textclf.tracking
+        report_to=[],  # MLflow logging is explicit, in textclf.records.tracking
         bf16=precision == "bf16",
         fp16=precision == "fp16",
         use_cpu=not torch.cuda.is_available(),
@@ -338,7 +338,7 @@ def restore_finished_training(trainer: Trainer, model, checkpoint: Path, partiti
     if partitioned:
         raise TextclfError(f"{checkpoint}: is the last step of its run, which did not finish; DeepSpeed cannot take it "
                            "up without training past max_steps: evaluate it with `evaluate`, or choose another run_name")
-    from textclf.callbacks import select_best_saved
+    from textclf.components.callbacks import select_best_saved
 
     trainer.state = TrainerState.load_from_json(str(checkpoint / "trainer_state.json"))
     # Re-chosen among the folder's checkpoints: the folder may have moved since the state was written.

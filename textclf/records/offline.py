@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from textclf.server_errors import connection_error
+from textclf.records.server_errors import connection_error
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +108,7 @@ def sync(output_dir: Path) -> dict[str, Any]:
     result: a model the run already logged, a version already registered from the run."""
     import mlflow
 
-    from textclf.checkpoints import write_json
+    from textclf.components.checkpoints import write_json
     from textclf.errors import TextclfError
 
     output_dir = Path(output_dir)
@@ -172,7 +172,7 @@ def _upload(client, output_dir: Path, record: dict[str, Any], results: dict[str,
                                                          record["examples"])
     elif op == "register":
         from textclf.config import run_config_from_dict
-        from textclf.registry import register_run_model, registered_model_name, version_of_run
+        from textclf.records.registry import register_run_model, registered_model_name, version_of_run
 
         config = run_config_from_dict(record["config"])
         existing = version_of_run(registered_model_name(config.dataset_name), run_id)
@@ -185,7 +185,7 @@ def _upload(client, output_dir: Path, record: dict[str, Any], results: dict[str,
     elif op == "misclassified":
         import pandas as pd
 
-        from textclf.evaluation import log_misclassified
+        from textclf.components.evaluation import log_misclassified
 
         frame = pd.read_parquet(record["predictions"])
         probabilities = frame[[f"prob_{name}" for name in record["label_names"]]].to_numpy()

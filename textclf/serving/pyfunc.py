@@ -16,7 +16,7 @@ from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from textclf.errors import TextclfError
 
 DEFAULT_BATCH_SIZE = 32
-PACKAGE_DIR = Path(__file__).resolve().parent
+PACKAGE_DIR = Path(__file__).resolve().parent.parent  # the textclf package, logged with the model
 
 
 def output_frame(probabilities: np.ndarray, label_names: Sequence[str]) -> pd.DataFrame:
@@ -74,8 +74,8 @@ class TextClassifierPyfunc(mlflow.pyfunc.PythonModel):
     _skip_type_hint_validation = True
 
     def load_context(self, context) -> None:
-        from textclf.inference import Predictor
-        from textclf.model import load_classifier
+        from textclf.serving.inference import Predictor
+        from textclf.components.model import load_classifier
 
         model, tokenizer = load_classifier(context.artifacts["model_dir"])
         self.predictor = Predictor(model.to(serving_device()), tokenizer, batch_size=DEFAULT_BATCH_SIZE)

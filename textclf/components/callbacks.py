@@ -1,4 +1,4 @@
-"""Trainer callbacks of a training run, besides MLflow logging (textclf.tracking) and interrupts (textclf.signals):
+"""Trainer callbacks of a training run, besides MLflow logging (textclf.records.tracking) and interrupts (textclf.process.signals):
 self-describing checkpoints, the best checkpoint of a resumed run, and the time budget."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from textclf import checkpoints
-from textclf.ranks import any_rank, from_main_process, is_main_process
+from textclf.components import checkpoints
+from textclf.distributed.ranks import any_rank, from_main_process, is_main_process
 
 log = logging.getLogger(__name__)
 

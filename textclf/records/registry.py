@@ -17,8 +17,8 @@ from mlflow.exceptions import MlflowException
 
 from textclf.config import BEST_METRICS
 from textclf.errors import TextclfError
-from textclf.server_errors import connection_error
-from textclf.store import sqlite_lock
+from textclf.records.server_errors import connection_error
+from textclf.records.store import sqlite_lock
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ def registered_model_name(dataset: str) -> str:
 
 
 def data_tags(splits) -> dict[str, str]:
-    """What a version was trained and validated on (``splits``: textclf.data.LabeledSplits): the dataset's digest
+    """What a version was trained and validated on (``splits``: textclf.components.data.LabeledSplits): the dataset's digest
     (its files, whatever part a run used) and the validation rows' digest and count. Versions are compared only
     when validated on the same rows, and a dataset never joins a registered model of another one."""
     return {"dataset_digest": splits.dataset_digest, "validation_digest": splits.digests()["validation"],
@@ -306,6 +306,6 @@ def _retryable(exc: BaseException) -> bool:
 
 
 def _serialized(uri: str):
-    """On a sqlite store, one promotion at a time (textclf.store); any other store relies on the retry in
+    """On a sqlite store, one promotion at a time (textclf.records.store); any other store relies on the retry in
     :func:`promote`. A promotion also waits for a first contact that is creating the database."""
     return sqlite_lock(uri, timeout=LOCK_TIMEOUT_S)

@@ -2,9 +2,9 @@
 
 :func:`run_training` is the recipe every entry point calls (``train``, each seed of ``sweep``, and each
 process of ``train_deepspeed``); :func:`finish_run` is its second half, once the best checkpoint is chosen.
-The components they wire live in the other modules: textclf.trainer_setup (inputs, Trainer, metrics),
-textclf.callbacks, textclf.signals, textclf.checkpoints (output folders), textclf.tracking (MLflow),
-textclf.deepspeed.
+The components they wire live in the other modules: textclf.components.trainer (inputs, Trainer, metrics),
+textclf.components.callbacks, textclf.process.signals, textclf.components.checkpoints (output folders), textclf.records.tracking (MLflow),
+textclf.distributed.zero3.
 """
 
 from __future__ import annotations
@@ -18,17 +18,25 @@ from typing import Any
 import mlflow
 from transformers.trainer_callback import EarlyStoppingCallback, ProgressCallback
 
-from textclf import checkpoints, offline, serving, signals, tracking
-from textclf.callbacks import BestOfResumedRun, CheckpointCallback, TimeBudgetCallback
+from textclf.components import checkpoints
+
+from textclf.records import offline
+
+from textclf import serving
+
+from textclf.process import signals
+
+from textclf.records import tracking
+from textclf.components.callbacks import BestOfResumedRun, CheckpointCallback, TimeBudgetCallback
 from textclf.config import RunConfig
-from textclf.console import ConsoleProgress
-from textclf.data import load_splits
-from textclf.deepspeed import consolidate
-from textclf.inference import Predictor
-from textclf.model import save_classifier
-from textclf.ranks import is_main_process
-from textclf.threads import configure_threads
-from textclf.trainer_setup import (BatchCounts, ClassifierTrainer, best_validation_metrics, make_compute_metrics,
+from textclf.process.console import ConsoleProgress
+from textclf.components.data import load_splits
+from textclf.distributed.zero3 import consolidate
+from textclf.serving.inference import Predictor
+from textclf.components.model import save_classifier
+from textclf.distributed.ranks import is_main_process
+from textclf.distributed.threads import configure_threads
+from textclf.components.trainer import (BatchCounts, ClassifierTrainer, best_validation_metrics, make_compute_metrics,
                                    prepare, resolve_precision, restore_finished_training, standardize_head_inputs,
                                    training_arguments, training_collator)
 
@@ -121,7 +129,7 @@ def run_training(
         tracking.log_metrics({f"best/{k}": v for k, v in best.items()})
         if deepspeed is not None:
             # The ranks part in consolidate; rank 0 finishes alone, on its training device, with the cores the others
-            # leave (textclf.deepspeed.leave_process_group).
+            # leave (textclf.distributed.zero3.leave_process_group).
             model = consolidate(trainer, model, output_dir / "consolidated")
             if model is not None:
                 model.to(args.device)
@@ -142,7 +150,7 @@ def run_training(
 def finish_run(config, model, tokenizer, splits, best, run, output_dir: Path) -> TrainingResult:
     """Calibrate the selected model's scores on validation, save it, test it, log it as the pyfunc model,
     and register it (rank 0 only)."""
-    from textclf.calibration import TEMPERATURE_KEY, calibrate, softmax
+    from textclf.components.calibration import TEMPERATURE_KEY, calibrate, softmax
 
     result = TrainingResult(run.info.run_id if run else None, output_dir / "model", best, {})
     if not is_main_process():
@@ -178,7 +186,7 @@ def finish_run(config, model, tokenizer, splits, best, run, output_dir: Path) ->
             "model", lambda: serving.log_model(result.model_dir, splits.label_names, examples),
             model_dir=str(result.model_dir.resolve()), label_names=splits.label_names, examples=examples)
         if config.register:
-            from textclf.registry import data_tags, register_run_model, registered_model_name
+            from textclf.records.registry import data_tags, register_run_model, registered_model_name
 
             data = data_tags(splits)
             result.registered_model = registered_model_name(config.dataset_name)

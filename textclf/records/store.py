@@ -2,7 +2,7 @@
 
 MLflow 3.17's sqlite store fails when two processes create (migrate) the same new database or the same
 experiment at once, and when two promotions write alias ``champion`` at once (its unique key). Commands serialize
-those moments with this lock; any other store (a tracking server) needs none. Kept apart from textclf.tracking,
+those moments with this lock; any other store (a tracking server) needs none. Kept apart from textclf.records.tracking,
 which imports torch: a registry command takes the lock without that import.
 """
 

@@ -29,7 +29,7 @@ from optuna.trial import FrozenTrial, TrialState
 from transformers import TrainerCallback
 
 from textclf.errors import TextclfError
-from textclf.server_errors import redact
+from textclf.records.server_errors import redact
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ PROCESS = "textclf.process"  # who runs the trial: host, pid, pid start time, th
 RUNS = "textclf.runs"  # the training runs of the trial: run id, seed, model URI, validation and test metrics
 SURPLUS = "textclf.surplus"  # started by a worker after n_trials were taken: failed at once, counted nowhere
 PRUNED_AT = "textclf.pruned_at_step"
-# Study user attribute: the process that owns the parent run (see textclf.search).
+# Study user attribute: the process that owns the parent run (see textclf.recipes.search).
 OWNER = "textclf.owner"
 CLAIM_SECONDS = 1.0  # a claim of the parent is kept if no other process overwrote it within this time
 
@@ -167,7 +167,7 @@ def recover_dead_trials(study: optuna.Study, on_dead: Callable[[optuna.Study, Fr
     retries it). On this host a trial's process is checked directly (any storage: the journal file has no
     heartbeat); on an RDB storage Optuna's heartbeat also fails trials of other hosts (calling the same
     ``on_dead``). A trial another worker fails first is left to that worker. Returns the numbers failed here."""
-    from textclf.tracking import process_is_alive
+    from textclf.records.tracking import process_is_alive
 
     with quiet_experimental():
         optuna.storages.fail_stale_trials(study)
@@ -245,7 +245,7 @@ def release_owner(study: optuna.Study, token: str) -> None:
 
 def owner_alive(owner: dict[str, Any]) -> bool:
     """Whether the owner process still runs (one on another host is assumed to: it cannot be checked here)."""
-    from textclf.tracking import process_is_alive
+    from textclf.records.tracking import process_is_alive
 
     if owner.get("host") != socket.gethostname():
         return True
