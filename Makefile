@@ -55,7 +55,7 @@ test: install
 
 # What a developer runs between edits (under 3 min): everything not marked slow.
 test-fast: install
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -n 2 --dist loadfile -m "not slow"
 
 # Side-by-side speed ratios on this machine (about 10 min on 2 cores); writes bench-results/bench.json.
 bench: install
