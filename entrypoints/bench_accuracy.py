@@ -19,8 +19,8 @@ def bench_accuracy(datasets: str, output: str, debug: bool) -> None:
     """Train each dataset's recipe within its time budget and test it."""
     setup_logging()
     with user_errors(debug):
-        from textclf.recipes.bench_accuracy import RECIPES, format_accuracy, run_accuracy
         from textclf.errors import TextclfError
+        from textclf.recipes.bench_accuracy import RECIPES, format_accuracy, run_accuracy
 
         names = [name.strip() for name in datasets.split(",") if name.strip()]
         unknown = [name for name in names if name not in RECIPES]

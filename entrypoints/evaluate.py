@@ -29,9 +29,9 @@ def evaluate(model_uri: str, data_path: str, text_column: str, label_column: str
         max_test_samples = parse_positive_int("max_test_samples", max_test_samples) if max_test_samples else None
         batch_size = parse_positive_int("batch_size", batch_size)
         from textclf.components.data import load_test_split
+        from textclf.records import tracking
         from textclf.serving.inference import Predictor
         from textclf.serving.sources import load_model_source
-        from textclf.records import tracking
 
         loaded = load_model_source(model_uri)
         click.echo(f"{model_uri}: {loaded.kind}", err=True)

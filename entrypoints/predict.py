@@ -26,8 +26,8 @@ def predict(model_uri: str, input_path: str, output_path: str, batch_size: int, 
         from textclf.components.data import FORMATS, TEXT_COLUMNS, pick_column, read_table
         from textclf.errors import TextclfError
         from textclf.serving.inference import Predictor
-        from textclf.serving.sources import load_model_source
         from textclf.serving.pyfunc import output_frame
+        from textclf.serving.sources import load_model_source
 
         source, target = Path(input_path), Path(output_path)
         if not source.exists():

@@ -30,15 +30,15 @@ def train_deepspeed(num_procs: float, num_nodes: float, node_rank: float, master
     # MLproject passes numbers as floats
     num_procs, num_nodes, node_rank, master_port = int(num_procs), int(num_nodes), int(node_rank), int(master_port)
     with user_errors(debug):
-        from textclf.records import tracking
-        from textclf.config import build_config
+        from entrypoints.train import report
+        from textclf.components import checkpoints
         from textclf.components.data import load_splits
+        from textclf.components.trainer import resolve_precision
+        from textclf.config import build_config
         from textclf.distributed.zero3 import Nodes, build_deepspeed_config, launch
         from textclf.errors import TextclfError, TrainingInterrupted
-        from textclf.components import checkpoints
-        from textclf.components.trainer import resolve_precision
         from textclf.recipes.training import already_finished, run_training
-        from entrypoints.train import report
+        from textclf.records import tracking
 
         mode = params.pop("mode") or "lora"
         config = build_config(mode=mode, **params)

@@ -606,8 +606,8 @@ def throughput_settings(plan: Plan, cuda: bool) -> list[tuple[str, str, dict[str
 def check_throughput(check: Check, plan: Plan, model_dir: Path) -> dict[str, Any]:
     import torch
 
-    from textclf.recipes.bench import matmul_peak
     from textclf.components.trainer import resolve_precision
+    from textclf.recipes.bench import matmul_peak
 
     cuda = torch.cuda.is_available()
     section = check.report["throughput"]
@@ -669,9 +669,9 @@ def padding_free(plan: Plan, model_dir: Path, tmp: str) -> dict[str, Any]:
     import torch
     from transformers import DataCollatorWithFlattening
 
-    from textclf.recipes.bench import FlopModel, bench_config
     from textclf.components.encoding import batches_by_length, pad_batch
     from textclf.components.trainer import prepare, resolve_precision
+    from textclf.recipes.bench import FlopModel, bench_config
 
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"

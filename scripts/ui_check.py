@@ -2,6 +2,7 @@
 with `mlflow ui`, open the pages a user would in headless Chromium, screenshot them and check what they show.
 
     .venv/bin/python scripts/ui_check.py [--output ui-check-results] [--docs_image docs/ui-run.png] [--keep]
+    .venv/bin/python scripts/ui_check.py --store STORE --docs_experiment textclf-sst2 --docs_runs a,b --docs_image docs/ui-run.png
 
 Writes <output>/*.png and <output>/ui_check.json and prints one line per check. Exits 1 if any check (or the
 setup) failed, 2 if Chromium or Playwright cannot be had. The UI server is always stopped.
@@ -219,6 +220,20 @@ def runs_list(page, base: str, ids: dict, output: Path, checks: Checks) -> None:
         expander.first.click()
         wait_for_text(page, [CHILD_RUN], 10_000)
     metrics = ["test/accuracy", "test/f1_macro"]
+    show_metric_columns(page, metrics)
+    widen_run_name_column(page)
+    toggle = page.locator("button[aria-label='Toggle sidebar']")
+    if toggle.count():  # room for the metric columns
+        toggle.first.click()
+    texts = [SWEEP_RUN, CHILD_RUN, f"{DATASET}-lora-seed42", BASELINE_RUN, *metrics]
+    missing = wait_for_text(page, texts)
+    page.wait_for_timeout(1000)
+    page.screenshot(path=str(output / "1-runs-list.png"))
+    check_texts(checks, "1-runs-list", texts, missing)
+
+
+def show_metric_columns(page, metrics: list[str]) -> None:
+    """Add the metrics as columns of the runs list (the column picker, searched by name)."""
     try:
         page.get_by_test_id("column-selection-dropdown").first.click()
         search = page.get_by_placeholder("Search columns")
@@ -233,17 +248,8 @@ def runs_list(page, base: str, ids: dict, output: Path, checks: Checks) -> None:
             item.click()
             page.wait_for_timeout(300)
         page.keyboard.press("Escape")
-    except Exception as error:  # noqa: BLE001 - the check below reports the missing columns
+    except Exception as error:  # noqa: BLE001 - the caller's check reports the missing columns
         log(f"could not add metric columns: {type(error).__name__}: {str(error).splitlines()[0]}")
-    widen_run_name_column(page)
-    toggle = page.locator("button[aria-label='Toggle sidebar']")
-    if toggle.count():  # room for the metric columns
-        toggle.first.click()
-    texts = [SWEEP_RUN, CHILD_RUN, f"{DATASET}-lora-seed42", BASELINE_RUN, *metrics]
-    missing = wait_for_text(page, texts)
-    page.wait_for_timeout(1000)
-    page.screenshot(path=str(output / "1-runs-list.png"))
-    check_texts(checks, "1-runs-list", texts, missing)
 
 
 def widen_run_name_column(page) -> None:
@@ -346,16 +352,52 @@ def png_size(store: Path, run_id: str, artifact: str) -> tuple[int, int]:
             return image.size
 
 
-def docs_image(screenshot: Path, target: Path, width: int = 1200) -> None:
-    """The top of the runs list (header, toolbar, the four runs with their test metrics), at most `width` wide."""
+def docs_image(screenshot: Path, target: Path, width: int = 1200, height: int = 400) -> None:
+    """The top `height` pixels of the runs list (header, toolbar, the runs with their test metrics), at most `width`
+    wide."""
     from PIL import Image
 
     with Image.open(screenshot) as image:
-        image = image.convert("RGB").crop((0, 0, image.width, min(image.height, 400)))
+        image = image.convert("RGB").crop((0, 0, image.width, min(image.height, height)))
         if image.width > width:
             image = image.resize((width, round(image.height * width / image.width)), Image.LANCZOS)
         target.parent.mkdir(parents=True, exist_ok=True)
         image.save(target, optimize=True)
+
+
+def docs_picture(store: Path, experiment: str, runs: list[str], target: Path, output: Path) -> None:
+    """The runs list of ``experiment`` in an existing store (real runs, for the README's picture), with test
+    accuracy and macro F1 as columns, cropped to ``target``. Raises RuntimeError when a run name is not shown."""
+    from mlflow import MlflowClient
+    from playwright.sync_api import sync_playwright
+
+    found = MlflowClient(tracking_uri(store)).get_experiment_by_name(experiment)
+    if found is None:
+        raise RuntimeError(f"no experiment {experiment} in {tracking_uri(store)}")
+    port = free_port()
+    server = start_ui(store, port)
+    try:
+        with tempfile.TemporaryDirectory(prefix="ui-check-chromium-") as profile, sync_playwright() as p:
+            context = p.chromium.launch_persistent_context(profile, executable_path=CHROMIUM, headless=True,
+                                                           args=CHROMIUM_ARGS, viewport={"width": 1600, "height": 1000})
+            page = context.pages[0] if context.pages else context.new_page()
+            page.set_default_timeout(PAGE_TIMEOUT_MS)
+            load(page, f"http://127.0.0.1:{port}/#/experiments/{found.experiment_id}/runs?workflowType=machine_learning",
+                 runs[:1])
+            show_metric_columns(page, ["test/accuracy", "test/f1_macro"])
+            widen_run_name_column(page)
+            toggle = page.locator("button[aria-label='Toggle sidebar']")
+            if toggle.count():
+                toggle.first.click()
+            missing = wait_for_text(page, [*runs, "test/accuracy"])
+            page.wait_for_timeout(1500)
+            page.screenshot(path=str(output / "docs-runs-list.png"))
+            context.close()
+    finally:
+        stop_ui(server)
+    if missing:
+        raise RuntimeError(f"the runs list does not show {missing}")
+    docs_image(output / "docs-runs-list.png", target, height=560)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -366,6 +408,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=0, help="UI port (default: a free one)")
     parser.add_argument("--docs_image", default="",
                         help="also write the runs list, cropped to the table and downscaled, here (docs/ui-run.png)")
+    parser.add_argument("--docs_experiment", default="",
+                        help="with --store and --docs_image: picture this experiment's runs list of a real store "
+                             "instead of checking the tiny runs")
+    parser.add_argument("--docs_runs", default="", help="comma-separated run names the picture must show")
     args = parser.parse_args(argv)
 
     started = time.monotonic()
@@ -379,6 +425,11 @@ def main(argv: list[str] | None = None) -> int:
         log("cannot check: the playwright Python package is absent and could not be installed")
         return 2
 
+    if args.docs_experiment:
+        docs_picture(Path(args.store), args.docs_experiment, [r for r in args.docs_runs.split(",") if r],
+                     Path(args.docs_image), output)
+        log(f"wrote {args.docs_image}")
+        return 0
     store = Path(args.store) if args.store else Path(tempfile.mkdtemp(prefix="ui-check-store-"))
     checks, server = Checks(), None
     try:

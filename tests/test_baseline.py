@@ -16,9 +16,9 @@ from mlflow import MlflowClient
 
 from conftest import sentiment_rows, write_jsonl
 from entrypoints.baseline import baseline
-from textclf.recipes.baseline import build_zero_shot
-from textclf.config import DEFAULT_PROMPT_TEMPLATE
 from textclf.components.encoding import format_prompt
+from textclf.config import DEFAULT_PROMPT_TEMPLATE
+from textclf.recipes.baseline import build_zero_shot
 from textclf.serving.inference import Predictor
 
 NAMES = ["Negative", "Positive"]

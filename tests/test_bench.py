@@ -17,9 +17,9 @@ def test_flop_model_counts_what_torch_counts_in_a_training_step(tiny_llama, mode
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from textclf.recipes.bench import FlopModel
-    from textclf.config import ModelConfig
     from textclf.components.model import base_of, build_classifier
+    from textclf.config import ModelConfig
+    from textclf.recipes.bench import FlopModel
 
     depth = 2
     config = (ModelConfig(base_model=tiny_llama, lora_r=4, lora_layers=depth - lower_layers_frozen) if mode == "lora"

@@ -13,7 +13,12 @@ from click.testing import CliRunner
 from mlflow import MlflowClient
 from torch import nn
 
-from textclf.components.calibration import (expected_calibration_error, fit_temperature, softmax, write_reliability_diagram)
+from textclf.components.calibration import (
+    expected_calibration_error,
+    fit_temperature,
+    softmax,
+    write_reliability_diagram,
+)
 from textclf.components.evaluation import misclassified_frame, write_test_artifacts
 
 
@@ -157,8 +162,8 @@ def train_run(*args: str) -> str:
 
 
 def saved_model_logits(texts: list[str]) -> np.ndarray:
-    from textclf.serving.inference import Predictor
     from textclf.components.model import load_classifier
+    from textclf.serving.inference import Predictor
 
     model, tokenizer = load_classifier("outputs/tinysent-lora-seed0/model")
     return Predictor(model, tokenizer).logits(texts)

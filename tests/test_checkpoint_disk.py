@@ -122,9 +122,9 @@ def test_a_checkpoint_lacking_a_trained_weight_is_refused_and_a_slim_one_rebuild
     import torch
     from safetensors.torch import save_file
 
+    from textclf.components.model import build_classifier, rebuild_from_state, trained_state
     from textclf.config import ModelConfig
     from textclf.errors import TextclfError
-    from textclf.components.model import build_classifier, rebuild_from_state, trained_state
 
     torch.manual_seed(0)
     model, tokenizer = build_classifier(ModelConfig(base_model=tiny_llama, lora_r=4, head="linear"), "lora",
@@ -150,9 +150,9 @@ def test_a_checkpoint_lacking_a_trained_weight_is_refused_and_a_slim_one_rebuild
 @pytest.mark.slow
 def test_the_model_folder_and_checkpoints_say_how_they_were_made_and_older_folders_still_load(mlflow_store, tiny_dataset,
                                                                                                tiny_llama):
+    from textclf.components.model import FORMAT_VERSION, RUN_CONFIG_FILE, SPEC_FILE, load_run_config
     from textclf.config import run_config_from_dict
     from textclf.serving.inference import Predictor
-    from textclf.components.model import FORMAT_VERSION, RUN_CONFIG_FILE, SPEC_FILE, load_run_config
     from textclf.serving.sources import load_model_source
 
     result = invoke("--data_path", str(tiny_dataset), "--base_model", tiny_llama, "--max_steps", "2", *TINY)

@@ -10,8 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import REPO, write_jsonl
-from textclf.config import DataConfig
 from textclf.components.data import load_splits, load_test_split
+from textclf.config import DataConfig
 from textclf.errors import TextclfError
 
 

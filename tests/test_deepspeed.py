@@ -89,16 +89,16 @@ def test_two_process_zero3_run_is_one_finished_run_with_a_consolidated_model(two
     # The consolidated model reproduces what the engine measured on validation at the selected step.
     from textclf.components.data import load_test_split
     from textclf.components.evaluation import classification_metrics
-    from textclf.serving.inference import Predictor
     from textclf.components.model import load_classifier
+    from textclf.serving.inference import Predictor
 
     out = tmp_path / "outputs" / "tinysent-lora-seed42"
     model, tokenizer = load_classifier(out / "model")
     # Every tensor of the LoRA classifier (backbone, adapters, head, scaler), whole: no rank's shard missing.
     from safetensors import safe_open
 
-    from textclf.config import ModelConfig
     from textclf.components.model import build_classifier
+    from textclf.config import ModelConfig
 
     fresh, _ = build_classifier(ModelConfig(base_model=tiny_llama), "lora", model.spec.label_names,
                                 model.spec.prompt_template, model.spec.max_length)

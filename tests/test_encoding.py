@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from textclf.config import DEFAULT_PROMPT_TEMPLATE
 from textclf.components.encoding import PromptEncoder, format_prompt
+from textclf.config import DEFAULT_PROMPT_TEMPLATE
 from textclf.errors import TextclfError
 
 NAMES = ["Negative", "Positive"]

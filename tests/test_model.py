@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from textclf.config import ModelConfig
 from textclf.components.encoding import PromptEncoder, format_prompt
+from textclf.components.model import MLPHead, base_of, build_classifier, load_classifier, save_classifier
+from textclf.config import ModelConfig
 from textclf.errors import TextclfError
 from textclf.serving.inference import Predictor
-from textclf.components.model import MLPHead, base_of, build_classifier, load_classifier, save_classifier
 
 TEXTS = ["a gem", "a dull , boring mess that goes on and on and never ends", "fine", "great acting and a moving story"]
 NAMES = ["Negative", "Positive"]
@@ -113,8 +113,8 @@ def test_save_load_round_trip_and_merged_equals_adapter(tmp_path, tiny_llama, mo
 
 
 def test_truncation_cuts_the_text_not_the_template(tiny_llama):
-    from textclf.config import DEFAULT_PROMPT_TEMPLATE
     from textclf.components.model import load_tokenizer
+    from textclf.config import DEFAULT_PROMPT_TEMPLATE
 
     tokenizer = load_tokenizer(tiny_llama)
     encoder = PromptEncoder(tokenizer, DEFAULT_PROMPT_TEMPLATE, NAMES, max_length=120)
@@ -148,9 +148,9 @@ def test_fast_cpu_dropout_drops_at_the_rate_and_scales_like_torch():
 def test_fast_cpu_dropout_replaces_every_lora_and_head_dropout(tiny_llama):
     from torch import nn
 
-    from textclf.config import ModelConfig
     from textclf.components.dropout import FastCPUDropout, use_fast_cpu_dropout
     from textclf.components.model import build_classifier
+    from textclf.config import ModelConfig
 
     model, _ = build_classifier(ModelConfig(base_model=tiny_llama), "lora", ["a", "b"], "{text}", 64)
     assert use_fast_cpu_dropout(model) == 2 * 7 + 2  # 7 LoRA projections in each of 2 layers, 2 in the head

@@ -13,9 +13,7 @@ import requests
 from click.testing import CliRunner
 from mlflow import MlflowClient
 
-from textclf.records import offline
-
-from textclf.records import tracking
+from textclf.records import offline, tracking
 
 
 def unreachable():

@@ -190,8 +190,8 @@ def test_a_run_killed_before_its_first_checkpoint_is_ended_by_the_next_start(tmp
 
 
 def test_a_run_of_a_live_process_is_not_ended_and_its_folder_is_not_shared(mlflow_store):
-    from textclf.records import tracking
     from textclf.errors import TextclfError
+    from textclf.records import tracking
 
     mlflow.set_experiment("textclf-live")
     with mlflow.start_run() as run:

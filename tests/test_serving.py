@@ -26,8 +26,8 @@ def model_uri(mlflow_store, tiny_llama, tmp_path) -> str:
     import torch
 
     from textclf import serving
-    from textclf.config import DEFAULT_PROMPT_TEMPLATE, ModelConfig
     from textclf.components.model import build_classifier, save_classifier
+    from textclf.config import DEFAULT_PROMPT_TEMPLATE, ModelConfig
 
     torch.manual_seed(0)
     model, tokenizer = build_classifier(ModelConfig(base_model=tiny_llama), "full", ["Negative", "Positive"],
@@ -140,8 +140,8 @@ def test_models_load_where_they_predict_and_a_forced_cpu_copy_stays_on_the_cpu(m
     """The device a loaded model predicts on comes from one place (textclf.serving.pyfunc.serving_device): the pyfunc model,
     and `evaluate`/`predict` given a saved folder, go there; a copy loaded with the CPU forced (what the GPU check
     compares the GPU with) stays on the CPU. PyTorch's meta device stands in for the GPU this machine lacks."""
-    from textclf.serving.sources import load_model_source
     from textclf.serving.pyfunc import forced_device
+    from textclf.serving.sources import load_model_source
 
     monkeypatch.setenv("TEXTCLF_DEVICE", "meta")
     default = mlflow.pyfunc.load_model(model_uri).unwrap_python_model().predictor

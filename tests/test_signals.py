@@ -7,8 +7,8 @@ import signal
 
 import pytest
 
-from textclf.process import signals
 from textclf.errors import TrainingInterrupted
+from textclf.process import signals
 from textclf.process.signals import deferred_interrupts, interrupts_raise
 
 

@@ -176,9 +176,9 @@ def test_an_epoch_schedule_with_accumulation_a_loss_criterion_and_a_linear_head(
 def test_head_learning_rate_builds_its_own_groups_and_decay_spares_biases_and_norms(tmp_path, tiny_llama):
     from transformers import TrainingArguments
 
-    from textclf.config import build_config
-    from textclf.components.trainer import ClassifierTrainer
     from textclf.components.model import build_classifier
+    from textclf.components.trainer import ClassifierTrainer
+    from textclf.config import build_config
 
     config = build_config("full", base_model=tiny_llama)
     model, _ = build_classifier(config.model, "full", ["a", "b"], config.data.prompt_template, 128)
@@ -201,14 +201,13 @@ def test_head_learning_rate_builds_its_own_groups_and_decay_spares_biases_and_no
 def test_group_by_length_does_not_change_evaluation_of_a_checkpoint(mlflow_store, tiny_dataset, tiny_llama, grouped):
     """The same weights evaluated with and without length grouping give the same validation metrics
     (predictions are compared with the labels of the same order)."""
-    from transformers import TrainingArguments
+    from transformers import TrainingArguments, set_seed
 
-    from textclf.config import build_config
     from textclf.components.data import load_splits
     from textclf.components.encoding import PromptEncoder
     from textclf.components.model import build_classifier
     from textclf.components.trainer import ClassifierTrainer, make_compute_metrics, training_collator
-    from transformers import set_seed
+    from textclf.config import build_config
 
     config = build_config("lora", data_path=str(tiny_dataset), base_model=tiny_llama, max_length=128)
     splits = load_splits(config.data)
@@ -216,8 +215,8 @@ def test_group_by_length_does_not_change_evaluation_of_a_checkpoint(mlflow_store
     model, tokenizer = build_classifier(config.model, "lora", splits.label_names, config.data.prompt_template, 128)
     encoder = PromptEncoder(tokenizer, config.data.prompt_template, splits.label_names, 128)
     eval_set, _ = encoder.dataset(splits.validation["text"], splits.validation["label"])
-    from textclf.serving.inference import Predictor
     from textclf.components.evaluation import classification_metrics
+    from textclf.serving.inference import Predictor
 
     reference = Predictor(model, tokenizer, batch_size=1).predict_proba(splits.validation["text"].tolist())
     expected = classification_metrics(splits.validation["label"], reference.argmax(1), 2)

@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from textclf.config import MODES, PARAM_VALUE_LIMIT, TRUNCATED, RunConfig, build_config, flatten
-from textclf.errors import TextclfError
 from textclf.distributed.ranks import is_main_process
+from textclf.errors import TextclfError
 
 log = logging.getLogger(__name__)
 

@@ -18,13 +18,13 @@ from datasets import Dataset
 from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase, Trainer, TrainingArguments, set_seed
 
 from textclf.components.checkpoints import WEIGHTS_FILE
-from textclf.config import RunConfig
 from textclf.components.data import LabeledSplits, load_splits
 from textclf.components.dropout import use_fast_cpu_dropout
 from textclf.components.encoding import EncodedTexts, PromptEncoder, batches_by_length, longest_first, pad_batch
-from textclf.errors import TextclfError
 from textclf.components.evaluation import METRIC_NAMES, classification_metrics, confusion
 from textclf.components.model import TextClassifier, build_classifier, load_trained_state, trained_state
+from textclf.config import RunConfig
+from textclf.errors import TextclfError
 
 log = logging.getLogger(__name__)
 

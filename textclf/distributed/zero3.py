@@ -10,8 +10,8 @@ from __future__ import annotations
 import json
 import logging
 import os
-import socket
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -19,10 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from textclf.components.checkpoints import WEIGHTS_FILE
-from textclf.errors import TextclfError, TrainingInterrupted
 from textclf.distributed.ranks import is_main_process
-from textclf.process.signals import SAME_INTERRUPT_SECONDS
 from textclf.distributed.threads import configure_threads, plan_threads
+from textclf.errors import TextclfError, TrainingInterrupted
+from textclf.process.signals import SAME_INTERRUPT_SECONDS
 
 log = logging.getLogger(__name__)
 

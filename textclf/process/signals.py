@@ -19,8 +19,8 @@ from typing import Iterator
 
 from transformers import TrainerCallback
 
-from textclf.errors import TrainingInterrupted
 from textclf.distributed.ranks import any_rank
+from textclf.errors import TrainingInterrupted
 
 
 class _Interrupts:

@@ -39,11 +39,11 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 from transformers.modeling_outputs import SequenceClassifierOutput
 
-from textclf.config import DEFAULT_BASE_MODEL, DEFAULT_PROMPT_TEMPLATE, SHIPPED_DATASETS, DataConfig
 from textclf.components.encoding import format_prompt, prepare_tokenizer
-from textclf.errors import TextclfError
 from textclf.components.evaluation import classification_metrics
 from textclf.components.model import ENCODER_TYPES, ClassifierSpec, load_tokenizer, resolve_model_path
+from textclf.config import DEFAULT_BASE_MODEL, DEFAULT_PROMPT_TEMPLATE, SHIPPED_DATASETS, DataConfig
+from textclf.errors import TextclfError
 from textclf.serving.pyfunc import DEFAULT_BATCH_SIZE, TextClassifierPyfunc
 
 MODE = "zero-shot"
@@ -267,10 +267,10 @@ def run_baseline(config: BaselineConfig) -> BaselineResult:
 
     import mlflow
 
-    from textclf.records import tracking
     from textclf.components.data import load_splits
-    from textclf.serving.inference import Predictor
+    from textclf.records import tracking
     from textclf.records.registry import data_tags, register_version, registered_model_name
+    from textclf.serving.inference import Predictor
     from textclf.serving.pyfunc import log_model
 
     config.validate()

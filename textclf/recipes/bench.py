@@ -21,12 +21,18 @@ import torch
 from torch import nn
 from transformers import DataCollatorWithPadding, TrainerCallback
 
-from textclf.config import RunConfig, build_config
 from textclf.components.data import load_splits
 from textclf.components.encoding import PromptEncoder, batches_by_length, pad_batch
 from textclf.components.model import TextClassifier, base_of
-from textclf.components.trainer import (BatchCounts, ClassifierTrainer, prepare, resolve_precision, training_arguments,
-                                   training_collator)
+from textclf.components.trainer import (
+    BatchCounts,
+    ClassifierTrainer,
+    prepare,
+    resolve_precision,
+    training_arguments,
+    training_collator,
+)
+from textclf.config import RunConfig, build_config
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

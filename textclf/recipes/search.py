@@ -32,22 +32,39 @@ from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 
 from textclf.components import checkpoints
-
-from textclf.process import signals
-
-from textclf.records import tracking
 from textclf.config import DEFAULT_MODE, PARAM_VALUE_LIMIT, build_config, parse_seed, run_parameters
 from textclf.errors import TextclfError, TrainingInterrupted
-from textclf.records.registry import LOWER_IS_BETTER
+from textclf.process import signals
 from textclf.recipes.search_report import best_summary, log_summary, register_best, trials_table
 from textclf.recipes.search_space import SearchSpace, check_trial_configs, describe
-from textclf.recipes.search_study import (OWNER, PROCESS, PRUNED_AT, RUNS, SURPLUS, PruningCallback, Tally, claim_owner,
-                                  is_surplus, make_pruner, make_sampler, open_storage, owner_alive, owner_holds,
-                                  owner_record, process_record, quiet_experimental, recover_dead_trials,
-                                  release_owner, retry, tally)
-from textclf.records.server_errors import redact
+from textclf.recipes.search_study import (
+    OWNER,
+    PROCESS,
+    PRUNED_AT,
+    RUNS,
+    SURPLUS,
+    PruningCallback,
+    Tally,
+    claim_owner,
+    is_surplus,
+    make_pruner,
+    make_sampler,
+    open_storage,
+    owner_alive,
+    owner_holds,
+    owner_record,
+    process_record,
+    quiet_experimental,
+    recover_dead_trials,
+    release_owner,
+    retry,
+    tally,
+)
 from textclf.recipes.search_workers import worker_processes
 from textclf.recipes.training import run_training
+from textclf.records import tracking
+from textclf.records.registry import LOWER_IS_BETTER
+from textclf.records.server_errors import redact
 
 log = logging.getLogger(__name__)
 

@@ -19,9 +19,9 @@ import pandas as pd  # noqa: E402
 from optuna.storages import RetryHeartbeatStaleTrialCallback  # noqa: E402
 from optuna.trial import FrozenTrial, TrialState  # noqa: E402
 
-from textclf.records import tracking  # noqa: E402
 from textclf.errors import TextclfError  # noqa: E402
 from textclf.recipes.search_study import PRUNED_AT, RUNS, SURPLUS, quiet_experimental, retried_numbers, tally  # noqa: E402
+from textclf.records import tracking  # noqa: E402
 
 log = logging.getLogger(__name__)
 

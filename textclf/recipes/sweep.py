@@ -17,11 +17,10 @@ import mlflow  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from textclf.components import checkpoints  # noqa: E402
-
-from textclf.records import tracking  # noqa: E402
 from textclf.config import DEFAULT_SEEDS, RunConfig, parse_seed  # noqa: E402
 from textclf.errors import TextclfError  # noqa: E402
 from textclf.recipes.training import run_training  # noqa: E402
+from textclf.records import tracking  # noqa: E402
 
 log = logging.getLogger(__name__)
 SWEEP_RECORD = "finished_sweep.json"

@@ -18,27 +18,31 @@ from typing import Any
 import mlflow
 from transformers.trainer_callback import EarlyStoppingCallback, ProgressCallback
 
-from textclf.components import checkpoints
-
-from textclf.records import offline
-
 from textclf import serving
-
-from textclf.process import signals
-
-from textclf.records import tracking
+from textclf.components import checkpoints
 from textclf.components.callbacks import BestOfResumedRun, CheckpointCallback, TimeBudgetCallback
-from textclf.config import RunConfig
-from textclf.process.console import ConsoleProgress
 from textclf.components.data import load_splits
-from textclf.distributed.zero3 import consolidate
-from textclf.serving.inference import Predictor
 from textclf.components.model import save_classifier
+from textclf.components.trainer import (
+    BatchCounts,
+    ClassifierTrainer,
+    best_validation_metrics,
+    make_compute_metrics,
+    prepare,
+    resolve_precision,
+    restore_finished_training,
+    standardize_head_inputs,
+    training_arguments,
+    training_collator,
+)
+from textclf.config import RunConfig
 from textclf.distributed.ranks import is_main_process
 from textclf.distributed.threads import configure_threads
-from textclf.components.trainer import (BatchCounts, ClassifierTrainer, best_validation_metrics, make_compute_metrics,
-                                   prepare, resolve_precision, restore_finished_training, standardize_head_inputs,
-                                   training_arguments, training_collator)
+from textclf.distributed.zero3 import consolidate
+from textclf.process import signals
+from textclf.process.console import ConsoleProgress
+from textclf.records import offline, tracking
+from textclf.serving.inference import Predictor
 
 log = logging.getLogger(__name__)
 

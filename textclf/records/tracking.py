@@ -24,14 +24,14 @@ import psutil
 import torch
 from transformers import TrainerCallback
 
-from textclf.config import RunConfig, flatten
-from textclf.errors import TextclfError, TrainingInterrupted
-from textclf.records.offline import OfflineRecords
-from textclf.distributed.ranks import is_main_process, max_over_ranks, sum_over_ranks
-from textclf.records.server_errors import connection_error
-from textclf.process.signals import interrupts_raise
-from textclf.records.store import sqlite_lock
 from textclf.components.evaluation import log_misclassified, write_confusion, write_test_artifacts
+from textclf.config import RunConfig, flatten
+from textclf.distributed.ranks import is_main_process, max_over_ranks, sum_over_ranks
+from textclf.errors import TextclfError, TrainingInterrupted
+from textclf.process.signals import interrupts_raise
+from textclf.records.offline import OfflineRecords
+from textclf.records.server_errors import connection_error
+from textclf.records.store import sqlite_lock
 
 log = logging.getLogger(__name__)
 

@@ -74,8 +74,8 @@ class TextClassifierPyfunc(mlflow.pyfunc.PythonModel):
     _skip_type_hint_validation = True
 
     def load_context(self, context) -> None:
-        from textclf.serving.inference import Predictor
         from textclf.components.model import load_classifier
+        from textclf.serving.inference import Predictor
 
         model, tokenizer = load_classifier(context.artifacts["model_dir"])
         self.predictor = Predictor(model.to(serving_device()), tokenizer, batch_size=DEFAULT_BATCH_SIZE)

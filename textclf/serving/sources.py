@@ -11,8 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from textclf.errors import TextclfError
 from textclf.components.model import BACKBONE_DIR, SPEC_FILE, TextClassifier, load_classifier, rebuild_from_state
+from textclf.errors import TextclfError
 
 
 @dataclass
