@@ -254,11 +254,7 @@ def test_a_worker_killed_mid_trial_is_ended_and_its_trial_retried_by_the_next_st
     """kill -9 during trial 0 (after its first checkpoint): the same command again ends the dead trial's run
     KILLED, fails it in the study, retries it (resuming from that checkpoint), and takes over the parent run:
     n_trials counts the retry once, and no run is left RUNNING."""
-    args = tiny_args(tiny_dataset, tiny_llama, "--space", SPACE, "--n_trials", "2", "--pruner", "none")
-    args[args.index("--max_steps") + 1] = "8"
-    process = start_search(tmp_path, *args)
-    wait_for_checkpoint(process, tmp_path / "outputs" / "tinysent-lora-search" / "tinysent-lora-search-trial0" /
-                        "checkpoint-2" / "COMPLETE")
+    args, process = search_at_its_first_checkpoint(tmp_path, tiny_dataset, tiny_llama)
     process.send_signal(signal.SIGKILL)
     process.communicate(timeout=60)
     result = CliRunner().invoke(search, args, catch_exceptions=False)
@@ -279,6 +275,16 @@ def test_a_worker_killed_mid_trial_is_ended_and_its_trial_retried_by_the_next_st
     assert parents[0].data.metrics["search/trials_retried"] == 1
 
 
+def search_at_its_first_checkpoint(tmp_path, tiny_dataset, tiny_llama) -> tuple[list[str], subprocess.Popen]:
+    """A two-trial search of 8 steps each, started as a process, once trial 0 has written checkpoint-2."""
+    args = tiny_args(tiny_dataset, tiny_llama, "--space", SPACE, "--n_trials", "2", "--pruner", "none")
+    args[args.index("--max_steps") + 1] = "8"
+    process = start_search(tmp_path, *args)
+    wait_for_checkpoint(process, tmp_path / "outputs" / "tinysent-lora-search" / "tinysent-lora-search-trial0" /
+                        "checkpoint-2" / "COMPLETE")
+    return args, process
+
+
 def wait_for_checkpoint(process: subprocess.Popen, marker: Path) -> None:
     deadline = time.monotonic() + 300
     while not marker.exists():
@@ -290,11 +296,7 @@ def wait_for_checkpoint(process: subprocess.Popen, marker: Path) -> None:
 @pytest.mark.slow
 def test_ctrl_c_ends_the_trial_and_the_parent_killed_and_queues_the_trial_again(mlflow_store, tmp_path, tiny_dataset,
                                                                                  tiny_llama):
-    args = tiny_args(tiny_dataset, tiny_llama, "--space", SPACE, "--n_trials", "2", "--pruner", "none")
-    args[args.index("--max_steps") + 1] = "8"
-    process = start_search(tmp_path, *args)
-    wait_for_checkpoint(process, tmp_path / "outputs" / "tinysent-lora-search" / "tinysent-lora-search-trial0" /
-                        "checkpoint-2" / "COMPLETE")
+    args, process = search_at_its_first_checkpoint(tmp_path, tiny_dataset, tiny_llama)
     process.send_signal(signal.SIGINT)
     output = process.communicate(timeout=120)[0]
     assert process.returncode == 130, output[-3000:]
