@@ -77,10 +77,10 @@ def test_accuracy_recipes_are_valid_configs_bounded_by_their_goal_time():
     for dataset in RECIPES:
         for precision in ("fp32", "bf16"):  # a CPU without bf16 instructions, and one with them
             config = recipe_config(dataset, precision=precision)  # validated like any run's config
-            assert config.training.max_train_minutes == GOALS[dataset]["train_minutes"]
+            assert GOALS[dataset]["train_minutes"] - 1 < config.training.max_train_minutes < GOALS[dataset]["train_minutes"]
             assert config.data.max_test_samples is None  # the goals are on the full test split
             assert "{class_labels}" in config.data.prompt_template
-    assert recipe_config("sst2", precision="bf16").model.lora_layers == 10
+    assert recipe_config("sst2", precision="bf16").training.max_steps > recipe_config("sst2", precision="fp32").training.max_steps
 
 
 @pytest.mark.slow
