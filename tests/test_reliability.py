@@ -286,6 +286,50 @@ def test_two_trainings_at_once_into_one_store(tmp_path, mlflow_store, tiny_datas
     assert sorted(statuses()) == ["FINISHED", "FINISHED"]
 
 
+def test_two_runs_logging_the_same_new_dataset_at_once_both_record_it(mlflow_store, monkeypatch):
+    """MLflow looks a dataset up, then inserts it: two runs logging the same new dataset at once (a sweep's seeds,
+    search workers) both find nothing and both insert. The barrier holds each run between the two, as a fast CPU's
+    scheduling did on the team server in CI; the run whose insert comes second must log its input anyway."""
+    import threading
+
+    import pandas as pd
+    from mlflow.store.tracking import sqlalchemy_store
+
+    from textclf.records.tracking import log_dataset
+
+    both_looked = threading.Barrier(2, timeout=30)
+    held = set()
+
+    class RowAfterBothLookups(sqlalchemy_store.SqlDataset):
+        def __init__(self, **columns):
+            if threading.get_ident() not in held:  # only each run's first insert: a retry must go through
+                held.add(threading.get_ident())
+                both_looked.wait()
+            super().__init__(**columns)
+
+    monkeypatch.setattr(sqlalchemy_store, "SqlDataset", RowAfterBothLookups)
+    frame = pd.DataFrame({"text": ["good", "bad"], "label": [1, 0]})
+    run_ids, errors = [], []
+
+    def one_run() -> None:
+        try:
+            with mlflow.start_run() as run:
+                run_ids.append(run.info.run_id)
+                log_dataset(frame, "data/train.jsonl", "tiny-train", "training")
+        except Exception as exc:  # reported by the assertion below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=one_run) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert not errors, errors
+    for run_id in run_ids:
+        inputs = mlflow.get_run(run_id).inputs.dataset_inputs
+        assert [(i.dataset.name, i.tags[0].value) for i in inputs] == [("tiny-train", "training")]
+
+
 @pytest.mark.slow
 def test_an_interrupted_sweep_ends_parent_and_child_killed(tmp_path, mlflow_store, tiny_dataset, tiny_llama):
     command = [sys.executable, "-m", "entrypoints.sweep", "--seeds", "0,42", "--data_path", str(tiny_dataset),

@@ -22,6 +22,7 @@ import mlflow
 import pandas as pd
 import psutil
 import torch
+from mlflow.exceptions import MlflowException
 from transformers import TrainerCallback
 
 from textclf.components.evaluation import log_misclassified, write_confusion, write_test_artifacts
@@ -273,7 +274,7 @@ def confirm_finished_run(run_id: str, output_dir: Path, recorded_uri: str | None
     use; ``recorded_uri`` is the store the folder recorded)."""
     try:
         run = mlflow.MlflowClient().get_run(run_id)
-    except mlflow.exceptions.MlflowException as exc:
+    except MlflowException as exc:
         if connection_error(exc) is not None:
             raise TextclfError(f"{output_dir}: holds finished run {run_id}, but the tracking server at "
                                f"{mlflow.get_tracking_uri()} cannot be reached to confirm it") from None
@@ -297,9 +298,26 @@ def log_process_params(params: dict[str, str]) -> None:
         mlflow.set_tags(changed)
 
 
-def log_dataset(frame: pd.DataFrame, source: str, name: str, context: str) -> None:
+def log_dataset(frame: pd.DataFrame, source: str, name: str, context: str, attempts: int = 3) -> None:
+    """Log the split as the run's input. MLflow's stores look an experiment's dataset up and then insert it, so two
+    runs logging the same new dataset at once (a sweep's seeds, search workers, teammates) race: the second insert
+    breaks the datasets' unique key and the store refuses the call. Logged again, it finds the first run's row."""
     dataset = mlflow.data.from_pandas(frame, source=source, name=name, targets="label")
-    mlflow.log_input(dataset, context=context)
+    for attempt in range(1, attempts + 1):
+        try:
+            mlflow.log_input(dataset, context=context)
+            return
+        except MlflowException as exc:
+            if attempt == attempts or not is_duplicate_dataset(exc):
+                raise
+            log.info("dataset %s was logged by another run at the same moment: logging it again", name)
+
+
+def is_duplicate_dataset(exc: Exception) -> bool:
+    """Whether a store refused a dataset because another run inserted it first: PostgreSQL behind a server
+    ("duplicate key ... dataset_pk"), sqlite ("UNIQUE constraint failed: datasets...")."""
+    message = str(exc)
+    return "dataset_pk" in message or "UNIQUE constraint failed: datasets." in message
 
 
 def log_test_results(folder: Path, texts: list[str], labels: list[int], probabilities, label_names: list[str],
