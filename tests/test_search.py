@@ -220,8 +220,9 @@ def test_grid_runs_every_combination_and_a_rerun_continues_then_recognises_the_f
     assert all(r.data.tags["trial_state"] == "complete" for r in trials)
     study = journal(tmp_path, "tinysent-search")
     assert sorted(t.number for t in study.trials) == [0, 1, 2, 3]
+    MlflowClient().set_model_version_tag("textclf-tinysent", "1", "dataset_digest", "0ther")  # data changed since
     again = run("10")
-    assert "already finished" in again.output
+    assert "already finished" in again.output  # not a refusal of data that no trial of it will train on
     other = CliRunner().invoke(search, tiny_args(tiny_dataset, tiny_llama, "--sampler", "grid", "--space",
                                                  "mode=choice(full,lora);seed=choice(0,1)", "--learning_rate", "2e-3"))
     assert other.exit_code == 2 and "training.learning_rate: 0.001 -> 0.002" in other.output, other.output

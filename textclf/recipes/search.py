@@ -159,13 +159,6 @@ class _Search:
     # -- the study and who owns its parent run -------------------------------------------------------------
 
     def run(self) -> SearchResult:
-        if self.base.register:  # before any trial: a best model that could not be registered would be wasted
-            from textclf.components.data import load_splits
-            from textclf.records.registry import data_tags
-
-            splits = load_splits(self.base.data)  # every trial trains on these rows: data is not searched
-            tracking.check_registrable(self.base.dataset_name, splits.dataset_digest)
-            self.data_tags = data_tags(splits)
         storage = open_storage(self.settings.storage, self.study_dir, self.on_dead)
         sampler, pruner = make_sampler(self.settings.sampler, self.grid), make_pruner(self.settings.pruner,
                                                                                        self.settings.pruner_startup_trials)
@@ -194,15 +187,15 @@ class _Search:
         return self.run_as_worker(study, parent_run_id)
 
     def wait_for_parent(self, study: optuna.Study) -> tuple[str | None, bool]:
-        """The parent run's id once the study's creator has started it; (None, True) when the creator died
-        first and this process claimed the study (it then starts the parent). Raises TextclfError on timeout."""
+        """The parent run's id once the study's creator has started it; (None, True) when the creator died or gave
+        the study up first and this process claimed it (it then starts the parent). Raises TextclfError on timeout."""
         deadline = time.monotonic() + PARENT_WAIT_SECONDS
         while True:
             attrs = study.user_attrs
             if attrs.get(PARENT) and attrs.get(RECIPE):
                 return attrs[PARENT], False
             owner = attrs.get(OWNER)
-            if owner and not owner_alive(owner):
+            if owner and (owner.get("ended") or not owner_alive(owner)):  # it gave the study up before its parent
                 self.owner_token = claim_owner(study)
                 if self.owner_token:
                     return None, True
@@ -260,6 +253,8 @@ class _Search:
             release_owner(study, self.owner_token)
 
     def _run_as_owner(self, study: optuna.Study, parent_run_id: str | None) -> SearchResult:
+        if self.base.register:  # before any trial: a best model that could not be registered would be wasted
+            self.check_registrable()
         timeout = self.settings.timeout_minutes
         study.set_user_attr(DEADLINE, time.time() + timeout * 60 if timeout else None)  # this start's time budget
         tags = {"dataset": self.base.dataset_name, "mode": "searched" if "mode" in self.settings.space else self.mode,
@@ -288,6 +283,17 @@ class _Search:
                                           "version": version, "best_trial": best.number})
         return SearchResult(self.name, parent_run_id, counts, trials_table(study), best_summary(study), version,
                             worker_exit_codes=workers)
+
+    def check_registrable(self) -> None:
+        """Refuse data whose registered model holds versions of another dataset, and keep what the best version
+        will be tagged with. The owner's job alone, once a finished study has been recognised: a rerun of a
+        finished search says so whatever the data became, and workers do not load the data twice."""
+        from textclf.components.data import load_splits
+        from textclf.records.registry import data_tags
+
+        splits = load_splits(self.base.data)  # every trial trains on these rows: data is not searched
+        tracking.check_registrable(self.base.dataset_name, splits.dataset_digest)
+        self.data_tags = data_tags(splits)
 
     def run_as_worker(self, study: optuna.Study, parent_run_id: str) -> SearchResult:
         parent = mlflow.MlflowClient().get_run(parent_run_id)

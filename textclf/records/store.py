@@ -2,8 +2,9 @@
 
 MLflow 3.17's sqlite store fails when two processes create (migrate) the same new database or the same
 experiment at once, and when two promotions write alias ``champion`` at once (its unique key). Commands serialize
-those moments with this lock; any other store (a tracking server) needs none. Kept apart from textclf.records.tracking,
-which imports torch: a registry command takes the lock without that import.
+those moments with this lock; a tracking server needs none. (Two runs logging one new dataset at once race in
+every store, a server's too: textclf.records.tracking.log_dataset logs it again instead.) Kept apart from
+textclf.records.tracking, which imports torch: a registry command takes the lock without that import.
 """
 
 from __future__ import annotations
