@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from entrypoints.common import COMMAND_SETTINGS, debug_option, setup_logging, user_errors
+from textclf.process.allocator import restart_under_jemalloc
 
 
 def _int_or_none(name: str, value: str | float | None) -> int | None:
@@ -68,4 +69,5 @@ def baseline(dataset: str, data_path: str, text_column: str, label_column: str, 
 
 
 if __name__ == "__main__":
+    restart_under_jemalloc()
     baseline()

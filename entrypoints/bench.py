@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from entrypoints.common import debug_option, setup_logging, user_errors
+from textclf.process.allocator import restart_under_jemalloc
 from textclf.config import DEFAULT_BASE_MODEL
 
 
@@ -35,4 +36,5 @@ def bench(debug: bool, output: str, **params) -> None:
 
 
 if __name__ == "__main__":
+    restart_under_jemalloc()
     bench()

@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from entrypoints.common import debug_option, setup_logging, user_errors
+from textclf.process.allocator import restart_under_jemalloc
 
 
 @click.command(name="bench-accuracy")
@@ -36,4 +37,5 @@ def bench_accuracy(datasets: str, output: str, debug: bool) -> None:
 
 
 if __name__ == "__main__":
+    restart_under_jemalloc()
     bench_accuracy()

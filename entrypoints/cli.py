@@ -14,6 +14,7 @@ from entrypoints.sweep import sweep
 from entrypoints.sync import sync
 from entrypoints.train import train
 from entrypoints.train_deepspeed import train_deepspeed
+from textclf.process.allocator import restart_under_jemalloc
 
 
 @click.group(context_settings=COMMAND_SETTINGS)
@@ -32,5 +33,12 @@ main.add_command(train_deepspeed)
 main.add_command(baseline)
 main.add_command(sync)
 
-if __name__ == "__main__":
+
+def run() -> None:
+    """The installed `textclf` command: under jemalloc where installed (textclf.process.allocator)."""
+    restart_under_jemalloc()
     main()
+
+
+if __name__ == "__main__":
+    run()

@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from entrypoints.common import COMMAND_SETTINGS, debug_option, setup_logging, user_errors
+from textclf.process.allocator import restart_under_jemalloc
 
 
 @click.command(name="evaluate", context_settings=COMMAND_SETTINGS)
@@ -86,4 +87,5 @@ def model_dataset(model_uri: str, model) -> str | None:
 
 
 if __name__ == "__main__":
+    restart_under_jemalloc()
     evaluate()

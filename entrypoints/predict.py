@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from entrypoints.common import COMMAND_SETTINGS, debug_option, setup_logging, user_errors
+from textclf.process.allocator import restart_under_jemalloc
 
 WRITERS = {".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".parquet": "parquet"}
 
@@ -60,4 +61,5 @@ def predict(model_uri: str, input_path: str, output_path: str, batch_size: int, 
 
 
 if __name__ == "__main__":
+    restart_under_jemalloc()
     predict()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from entrypoints.common import COMMAND_SETTINGS, debug_option, setup_logging, training_options, user_errors
+from textclf.process.allocator import restart_under_jemalloc
 
 
 @click.command(name="search", context_settings=COMMAND_SETTINGS)
@@ -99,4 +100,5 @@ def report(result) -> None:
 
 
 if __name__ == "__main__":
+    restart_under_jemalloc()
     search()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from entrypoints.common import COMMAND_SETTINGS, debug_option, setup_logging, training_options, user_errors
+from textclf.process.allocator import restart_under_jemalloc
 from textclf.config import DEFAULT_SEEDS
 
 
@@ -35,4 +36,5 @@ def sweep(seeds: str, debug: bool, **params) -> None:
 
 
 if __name__ == "__main__":
+    restart_under_jemalloc()
     sweep()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from entrypoints.common import COMMAND_SETTINGS, debug_option, setup_logging, training_options, user_errors
+from textclf.process.allocator import restart_under_jemalloc
 
 
 @click.command(name="train", context_settings=COMMAND_SETTINGS)
@@ -41,4 +42,5 @@ def _fmt(metrics: dict) -> str:
 
 
 if __name__ == "__main__":
+    restart_under_jemalloc()
     train()

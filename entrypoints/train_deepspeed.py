@@ -8,6 +8,7 @@ import time
 import click
 
 from entrypoints.common import COMMAND_SETTINGS, debug_option, setup_logging, training_options, user_errors
+from textclf.process.allocator import restart_under_jemalloc
 
 
 @click.command(name="train_deepspeed", context_settings=COMMAND_SETTINGS)
@@ -93,4 +94,5 @@ def train_deepspeed(num_procs: float, num_nodes: float, node_rank: float, master
 
 
 if __name__ == "__main__":
+    restart_under_jemalloc()
     train_deepspeed()

@@ -50,6 +50,9 @@ def test_train_tracks_everything_and_logs_a_self_contained_model(request, tmp_pa
     import torch
 
     assert params["threads.intra_op"] == str(torch.get_num_threads()) and params["threads.inter_op"] == "1"
+    from textclf.process.allocator import loaded_allocator
+
+    assert params["process.malloc"] == loaded_allocator()  # the allocator the process ran with (docs/benchmarks.md)
     losses = client.get_metric_history(run_id, "train/loss")
     assert len({m.step for m in losses}) >= 5
     assert [m.step for m in client.get_metric_history(run_id, "eval/f1_macro")] == [3, 6]

@@ -40,6 +40,7 @@ from textclf.distributed.ranks import is_main_process
 from textclf.distributed.threads import configure_threads
 from textclf.distributed.zero3 import consolidate
 from textclf.process import signals
+from textclf.process.allocator import loaded_allocator
 from textclf.process.console import ConsoleProgress
 from textclf.records import offline, tracking
 from textclf.serving.inference import Predictor
@@ -95,7 +96,8 @@ def run_training(
     with tracking.tracked_run(config.experiment_name, config.default_run_name, tags, nested=nested,
                               offline_dir=output_dir) as run:
         if run is not None:
-            tracking.log_run_inputs(config, splits, precision, resume_from, threads.as_params(), deepspeed)
+            tracking.log_run_inputs(config, splits, precision, resume_from,
+                                    {**threads.as_params(), "process.malloc": loaded_allocator()}, deepspeed)
         # Arguments before the model: under ZeRO-3 they set up the DeepSpeed config that partitions weights as they load.
         args = training_arguments(config, output_dir, precision, deepspeed)
         prepared = prepare(config, splits)
