@@ -81,6 +81,10 @@ def test_accuracy_recipes_are_valid_configs_bounded_by_their_goal_time():
             assert config.data.max_test_samples is None  # the goals are on the full test split
             assert "{class_labels}" in config.data.prompt_template
     assert recipe_config("sst2", precision="bf16").training.max_steps > recipe_config("sst2", precision="fp32").training.max_steps
+    # bf16 steps slow down under glibc's malloc (textclf.process.allocator): a shorter schedule fits the budget there
+    with_jemalloc = recipe_config("sst2", precision="bf16", allocator="jemalloc").training
+    with_glibc = recipe_config("sst2", precision="bf16", allocator="glibc").training
+    assert with_glibc.max_steps < with_jemalloc.max_steps and with_glibc.save_steps == with_glibc.eval_steps
 
 
 @pytest.mark.slow
@@ -92,6 +96,7 @@ def test_bench_accuracy_trains_a_tracked_run_and_reports_it_against_the_goal(mlf
     from textclf.recipes import bench_accuracy as recipes
 
     monkeypatch.setitem(recipes.BF16_CHANGES, "sst2", {})
+    monkeypatch.setitem(recipes.BF16_WITHOUT_JEMALLOC, "sst2", {})
     monkeypatch.setitem(recipes.RECIPES, "sst2", dict(
         mode="lora", base_model=tiny_llama, max_length=128, batch_size=8, max_samples=32, max_steps=4, eval_steps=2,
         save_steps=2, max_eval_samples=16, max_test_samples=40, max_train_minutes=20, precision="fp32"))

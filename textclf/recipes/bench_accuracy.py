@@ -23,12 +23,12 @@ GOALS = {"sst2": {"test_accuracy": 0.93, "train_minutes": 20}, "r8": {"test_accu
 # these models 2-4x faster, so its schedule holds more steps; the time budget only guards a slower machine.
 # - SST-2: the default LLM with LoRA (it beat MiniLM: 91.8% after one epoch vs the 89.1% anchor of MiniLM after
 #   three). fp32: ~3.7 samples/s with the short prompt (2.15 s per step of 8), so 20 minutes hold ~0.5 epoch: 460
-#   steps, validation capped to 300 rows (~25 s per evaluation). bf16 (a Xeon with AMX): 5.7 samples/s over the
-#   whole split (1.4 s per step), so 720 steps (0.83 epoch) and four evaluations of the whole validation split
-#   (~31 s each): the schedule ends, its learning rate decayed, inside the budget: 91.65% in 19.7 min. A schedule
-#   of 1,040 steps, cut by the budget at step 725 with the rate at a third of its peak, reached 91.87% (the same
-#   validation accuracy) in 20.1 min, past the goal's time. LoRA on the top 10 layers only (lora_layers) trains at
-#   twice the rate, but two epochs of it reached 89.3%, below either.
+#   steps, validation capped to 300 rows (~25 s per evaluation). bf16 (a Xeon with AMX), under jemalloc
+#   (textclf.process.allocator): 8.7 samples/s over the whole split (0.92 s per step), so 1,120 steps (1.29 epochs)
+#   and four evaluations of the whole validation split (~20 s each) end inside the budget: 91.54% in 18.6 min (960
+#   steps: 92.04% in 15.9 min). Under glibc's malloc the steps slowed to 1.6 s and 720 steps (91.65%) filled the
+#   20 minutes. LoRA on the top 10 layers only (lora_layers) trains at twice the rate, but two epochs of it reached
+#   89.3%, below every-layer runs of less than an epoch.
 # - R8: prompts average 160-180 tokens, where the 135M LLM trains at ~1 sample/s in fp32 (~1,800 rows in 30 min, a
 #   third of an epoch); MiniLM fully fine-tuned trains at ~6.4 samples/s (141 tokens on average at max length 256),
 #   so 600 steps of 16 (~2 epochs) and 6 evaluations of the 823 validation rows fit; in bf16, six epochs. The goal is
@@ -48,20 +48,31 @@ BF16_CHANGES: dict[str, dict[str, Any]] = {
     "sst2": dict(max_steps=1120, eval_steps=280, max_eval_samples=None),
     "r8": dict(max_steps=1750, eval_steps=175),
 }
+# ... and what it changes again where the process runs glibc's malloc, under which bf16 steps slow down as training
+# goes on (1.0 -> 1.6 s per SST-2 step): a schedule that fits 20 minutes there.
+BF16_WITHOUT_JEMALLOC: dict[str, dict[str, Any]] = {"sst2": dict(max_steps=720, eval_steps=180)}
 
 
-def recipe(dataset: str, precision: str | None = None) -> dict[str, Any]:
-    """The dataset's recipe for a CPU that trains in ``precision`` (default: what precision=auto picks here)."""
+def recipe(dataset: str, precision: str | None = None, allocator: str | None = None) -> dict[str, Any]:
+    """The dataset's recipe for a CPU that trains in ``precision`` under ``allocator`` (defaults: what
+    precision=auto picks here, and the malloc this process runs)."""
     from textclf.components.trainer import resolve_precision
+    from textclf.process.allocator import loaded_allocator
 
     precision = precision or resolve_precision("auto")
-    return {**RECIPES[dataset], **(BF16_CHANGES[dataset] if precision == "bf16" else {})}
+    values = dict(RECIPES[dataset])
+    if precision == "bf16":
+        values.update(BF16_CHANGES[dataset])
+        if (allocator or loaded_allocator()) != "jemalloc":
+            values.update(BF16_WITHOUT_JEMALLOC.get(dataset, {}))
+    return values
 
 
-def recipe_config(dataset: str, output_dir: str = "outputs/bench", precision: str | None = None):
+def recipe_config(dataset: str, output_dir: str = "outputs/bench", precision: str | None = None,
+                  allocator: str | None = None):
     from textclf.components.base_models import minilm_path
 
-    values = recipe(dataset, precision)
+    values = recipe(dataset, precision, allocator)
     if values["base_model"] == "minilm":
         values["base_model"] = minilm_path()
     return build_config(dataset=dataset, output_dir=output_dir, run_name=f"{dataset}-accuracy-bench",
