@@ -27,7 +27,8 @@ DEMO := -P mode=full -P dataset=sst2 -P base_model=$(DEMO_MODEL) -P 'prompt_temp
 .PHONY: install train mlproject test test-fast bench bench-accuracy gpu-check gpu-check-dryrun server server-stop ui-check
 
 install: $(VENV)/.installed $(DEFAULT_MODEL)/model.safetensors $(DEMO_MODEL)/model.safetensors
-	@if grep -qE 'avx512_bf16|amx_bf16' $(CPUINFO) 2>/dev/null && ! ldconfig -p 2>/dev/null | grep -q libjemalloc; then \
+	@if grep -qE 'avx512_bf16|amx_bf16' $(CPUINFO) 2>/dev/null && \
+	  ! $(PY) -c 'import sys; from textclf.process.allocator import jemalloc_library as j; sys.exit(j() is None)'; then \
 	  echo "note: no jemalloc here; bf16 training on this CPU slows down under glibc's malloc (README, 'jemalloc'): sudo apt install libjemalloc2"; fi
 
 $(VENV)/.installed: pyproject.toml

@@ -1,14 +1,14 @@
 """Does a training step get slower as training goes on? Times one fixed batch before and during training.
 
-    python scripts/bench_step_drift.py [--steps 150] [--pad_to 0] [--pad_multiple 0]
+    python scripts/bench_step_drift.py [--steps 150] [--every 75] [--pad_to 0] [--pad_multiple 0]
     LD_PRELOAD=libjemalloc.so.2 python scripts/bench_step_drift.py      # the same under jemalloc
 
 SmolLM2 with LoRA as textclf builds it (the SST-2 recipe's short prompt, batch 8, AdamW, bf16 autocast where
-the CPU has bf16 instructions), trained on random SST-2 batches; every 75 steps the same batch of 8 rows (32
-tokens) is timed, forward and backward, 15 times. The batches' shapes vary as in real training unless
+the CPU has bf16 instructions), trained on random SST-2 batches; every 75 steps (``--every``) the same batch of 8 rows
+(32 tokens) is timed, forward and backward, 15 times. The batches' shapes vary as in real training unless
 ``--pad_to`` pads and cuts every row to one length or ``--pad_multiple`` rounds lengths up. Found with it
-(docs/benchmarks.md): under glibc's malloc the fixed batch slows by a fifth within 150 steps in bf16; not with
-one shape, nor under jemalloc (textclf.process.allocator). Run it on a quiet machine.
+(docs/benchmarks.md): under glibc's malloc, with or without its tunables, the fixed batch slowed 13-35% within
+150-300 steps in bf16; not with one shape, nor under jemalloc (textclf.process.allocator). Run it on a quiet machine.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base_model", default="ckpt/SmolLM2-135M-Instruct")
     parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--every", type=int, default=75, help="time the fixed batch every this many steps")
     parser.add_argument("--pad_to", type=int, default=0, help="pad and cut every training row to this length")
     parser.add_argument("--pad_multiple", type=int, default=0, help="round each batch's length up to a multiple")
     args = parser.parse_args()
@@ -76,7 +77,7 @@ def main() -> None:
     random.seed(0)
     for k in range(1, args.steps + 1):
         step(collate([rows[i] for i in random.sample(range(len(rows)), 8)]), update=True)
-        if k % 75 == 0 or k == args.steps:
+        if k % args.every == 0 or k == args.steps:
             time_fixed(f"after {k} steps")
 
 

@@ -27,10 +27,10 @@ print(json.dumps({{"argv": sys.argv[1:], "malloc": allocator.loaded_allocator(),
 
 @pytest.fixture
 def stand_in_jemalloc(tmp_path) -> str:
-    libm = next((p for p in (Path("/lib/x86_64-linux-gnu/libm.so.6"), Path("/usr/lib64/libm.so.6"),
-                             Path("/lib64/libm.so.6"), Path("/usr/lib/libm.so.6")) if p.exists()), None)
-    if libm is None or not sys.platform.startswith("linux"):
-        pytest.skip("needs Linux and its libm to stand in for jemalloc")
+    maps = Path("/proc/self/maps").read_text() if Path("/proc/self/maps").exists() else ""
+    libm = next((line.split()[-1] for line in maps.splitlines() if "/libm.so" in line), None)
+    if libm is None:
+        pytest.skip("needs Linux, with the libm this Python runs, to stand in for jemalloc")
     stand_in = tmp_path / "libjemalloc.so.2"
     shutil.copy(libm, stand_in)  # a copy, not a link: /proc/self/maps names the file actually mapped
     return str(stand_in)
@@ -56,8 +56,15 @@ def test_a_users_preload_is_kept_and_textclf_malloc_system_opts_out(tmp_path, st
     other = shutil.copy(stand_in_jemalloc, tmp_path / "libother.so")
     report = run_child(tmp_path, stand_in_jemalloc, {"LD_PRELOAD": str(other)})
     assert report["preload"].split() == [stand_in_jemalloc, str(other)] and report["malloc"] == "jemalloc"
-    report = run_child(tmp_path, stand_in_jemalloc, {"TEXTCLF_MALLOC": "system"})
-    assert report["malloc"] == "glibc" and report["preload"] == ""
+    for opt_out in ("system", "glibc"):
+        report = run_child(tmp_path, stand_in_jemalloc, {"TEXTCLF_MALLOC": opt_out})
+        assert report["malloc"] == "glibc" and report["preload"] == ""
+
+
+def test_a_preloaded_allocator_of_the_users_is_left_alone(tmp_path, stand_in_jemalloc):
+    tcmalloc = str(shutil.copy(stand_in_jemalloc, tmp_path / "libtcmalloc_minimal.so.4"))
+    report = run_child(tmp_path, stand_in_jemalloc, {"LD_PRELOAD": tcmalloc})
+    assert report["preload"] == tcmalloc and report["malloc"] == "glibc"  # one allocator, not two
 
 
 def test_without_jemalloc_a_command_runs_as_it_is(tmp_path):
