@@ -9,8 +9,8 @@ from pathlib import Path
 import click
 
 from entrypoints.common import debug_option, setup_logging, user_errors
-from textclf.process.allocator import restart_under_jemalloc
 from textclf.config import DEFAULT_BASE_MODEL
+from textclf.process.allocator import restart_under_jemalloc
 
 
 @click.command(name="bench")

@@ -5,8 +5,8 @@ from __future__ import annotations
 import click
 
 from entrypoints.common import COMMAND_SETTINGS, debug_option, setup_logging, training_options, user_errors
-from textclf.process.allocator import restart_under_jemalloc
 from textclf.config import DEFAULT_SEEDS
+from textclf.process.allocator import restart_under_jemalloc
 
 
 @click.command(name="sweep", context_settings=COMMAND_SETTINGS)

@@ -36,7 +36,7 @@ def jemalloc_library() -> str | None:
 
 
 def loaded_allocator() -> str:
-    """``jemalloc`` when this process runs it, else ``glibc``: what a run logs as ``process.malloc``."""
+    """``jemalloc`` when this process runs it, else ``glibc`` (``system`` off Linux): a run's ``process.malloc``."""
     try:
         maps = Path("/proc/self/maps").read_text()
     except OSError:  # not Linux
