@@ -19,10 +19,10 @@ from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase, Train
 
 from textclf.components.checkpoints import WEIGHTS_FILE
 from textclf.components.data import LabeledSplits, load_splits
-from textclf.components.dropout import use_fast_cpu_dropout
+from textclf.components.dropout import use_fast_cpu_attention_dropout, use_fast_cpu_dropout
 from textclf.components.encoding import EncodedTexts, PromptEncoder, batches_by_length, longest_first, pad_batch
 from textclf.components.evaluation import METRIC_NAMES, classification_metrics, confusion
-from textclf.components.model import TextClassifier, build_classifier, load_trained_state, trained_state
+from textclf.components.model import TextClassifier, base_of, build_classifier, load_trained_state, trained_state
 from textclf.config import RunConfig
 from textclf.errors import TextclfError
 
@@ -57,10 +57,13 @@ def resolve_precision(requested: str) -> str:
 
 
 def adapt_to_device(model) -> None:
-    """Device-specific speed-ups: on CPU, dropout with a cheaper random mask (same distribution, other draws)."""
+    """Device-specific speed-ups: on CPU, dropout with a cheaper random mask (same distribution, other draws), in
+    the dropout layers and in the attention probabilities of models that drop those (encoders)."""
     if not torch.cuda.is_available():
         replaced = use_fast_cpu_dropout(model)
-        log.info("CPU training: %d dropout layers use the fast CPU mask", replaced)
+        attention = use_fast_cpu_attention_dropout(base_of(model.backbone))
+        log.info("CPU training: %d dropout layers%s use the fast CPU mask", replaced,
+                 " and the attention probabilities" if attention else "")
 
 
 @dataclass
