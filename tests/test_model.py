@@ -158,6 +158,83 @@ def test_fast_cpu_dropout_replaces_every_lora_and_head_dropout(tiny_llama):
     assert all(m.p == 0.1 for m in model.modules() if isinstance(m, FastCPUDropout))
 
 
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("groups", [1, 3])
+@pytest.mark.parametrize("mask", [None, "boolean", "additive"])
+def test_attention_with_fast_dropout_computes_what_sdpa_computes(causal, groups, mask):
+    """A drop probability that drops nothing (below 1/65536) takes the hand-written path and must give SDPA's
+    result for every mask transformers hands SDPA, causal or not, with grouped key/value heads or not."""
+    import torch
+    from torch import nn
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from textclf.components.dropout import sdpa_with_fast_dropout
+
+    module = nn.Module()
+    module.is_causal, module.num_key_value_groups = causal, groups
+    torch.manual_seed(0)
+    query, key, value = torch.randn(2, 6, 10, 8), torch.randn(2, 6 // groups, 10, 8), torch.randn(2, 6 // groups, 10, 8)
+    attends = torch.rand(2, 1, 10, 10) > 0.3
+    attends[..., 0] = True  # every query attends somewhere
+    masks = {None: None, "boolean": attends, "additive": torch.where(attends, 0.0, torch.finfo(torch.float32).min)}
+    expected, _ = sdpa_attention_forward(module, query, key, value, masks[mask], dropout=0.0)
+    computed, _ = sdpa_with_fast_dropout(module, query, key, value, masks[mask], dropout=1e-9)
+    assert torch.allclose(computed, expected, atol=1e-5)
+
+
+def test_attention_with_fast_dropout_drops_probabilities_at_the_rate():
+    import torch
+    from torch import nn
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from textclf.components.dropout import sdpa_with_fast_dropout
+
+    module = nn.Module()
+    module.is_causal = False
+    query, key = torch.zeros(1, 1, 400, 4), torch.zeros(1, 1, 400, 4)  # uniform attention: each weight 1/400
+    value = torch.eye(400)[None, None]  # the output's rows are the (dropped) attention weights themselves
+    weights, _ = sdpa_with_fast_dropout(module, query, key, value, None, dropout=0.25)
+    kept = weights[0, :, 0] != 0
+    assert abs(kept.float().mean().item() - 0.75) < 0.01  # 160,000 draws
+    assert torch.allclose(weights[0, :, 0][kept], torch.full((int(kept.sum()),), 1 / 400 / 0.75))
+    # Evaluating, models pass no dropout: then it is SDPA itself.
+    evaluated, _ = sdpa_with_fast_dropout(module, query, key, value, None, dropout=0.0)
+    assert torch.equal(evaluated, sdpa_attention_forward(module, query, key, value, None, dropout=0.0)[0])
+
+
+def test_encoders_train_with_the_fast_attention_dropout_and_save_their_usual_attention(minilm, tmp_path):
+    """MiniLM drops attention probabilities: CPU training switches its attention, the training forward and
+    backward run, and a saved copy names no attention function that another process would lack."""
+    import json
+
+    from textclf.components.dropout import FAST_DROPOUT_ATTENTION
+    from textclf.components.trainer import adapt_to_device
+
+    model, _ = build_classifier(ModelConfig(base_model=minilm), "full", ["a", "b"], "{text}", 64)
+    encoder = base_of(model.backbone)
+    assert encoder.config._attn_implementation == "sdpa"
+    adapt_to_device(model)
+    assert encoder.config._attn_implementation == FAST_DROPOUT_ATTENTION
+    model.train()
+    ids = torch.randint(1000, 2000, (2, 12))
+    model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=torch.tensor([0, 1])).loss.backward()
+    assert encoder.embeddings.word_embeddings.weight.grad is not None
+    encoder.save_pretrained(tmp_path / "saved")
+    saved = (tmp_path / "saved" / "config.json").read_text()
+    assert FAST_DROPOUT_ATTENTION not in saved and json.loads(saved)["attention_probs_dropout_prob"] == 0.1
+
+
+def test_models_without_attention_dropout_keep_their_attention(tiny_llama):
+    from transformers import AutoModel
+
+    from textclf.components.dropout import use_fast_cpu_attention_dropout
+
+    decoder = AutoModel.from_pretrained(tiny_llama)
+    implementation = decoder.config._attn_implementation
+    assert not use_fast_cpu_attention_dropout(decoder)
+    assert decoder.config._attn_implementation == implementation
+
+
 @pytest.mark.parametrize("base", ["tiny_llama", "minilm"])
 def test_frozen_layers_train_only_the_layers_above_them(base, request):
     """Backward stops above the frozen layers: the embeddings and the lowest layer keep their weights, the

@@ -71,13 +71,14 @@ FAST_DROPOUT_ATTENTION = "sdpa_fast_cpu_dropout"
 def sdpa_with_fast_dropout(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                            attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                            is_causal: bool | None = None, **kwargs):
-    """transformers' SDPA attention, except while training with attention dropout: then the eager computation
-    (scores, mask, softmax, dropout, weighted values) with :func:`fast_dropout` on the probabilities.
+    """transformers' SDPA attention, except with attention dropout (models pass it while training only): then the
+    eager computation (scores, mask, softmax, dropout, weighted values) with :func:`fast_dropout` on the
+    probabilities.
 
     Takes SDPA's masks: boolean (True attends) or additive, or None for "attend to everything" (or causal)."""
     from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 
-    if not dropout or not module.training:
+    if not dropout:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
     groups = getattr(module, "num_key_value_groups", 1)
@@ -92,7 +93,9 @@ def sdpa_with_fast_dropout(module: nn.Module, query: torch.Tensor, key: torch.Te
             scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
         else:
             scores = scores + attention_mask
-    probabilities = fast_dropout(nn.functional.softmax(scores, dim=-1), dropout)
+    # Under bf16 autocast the softmax comes out in float32 and the matmul below would cast it to bf16: cast first, so
+    # that the mask is drawn and applied on half the bytes.
+    probabilities = fast_dropout(nn.functional.softmax(scores, dim=-1).to(value.dtype), dropout)
     return torch.matmul(probabilities, value).transpose(1, 2).contiguous(), None
 
 
