@@ -17,7 +17,8 @@ import time
 import torch
 from transformers import AutoModel
 
-from textclf.components.dropout import use_fast_cpu_attention_dropout, use_fast_cpu_dropout
+from textclf.components.attention_dropout import use_fast_cpu_attention_dropout
+from textclf.components.dropout import use_fast_cpu_dropout
 from textclf.distributed.threads import configure_threads
 
 SHAPES = ((32, 48), (16, 48), (16, 160), (16, 256))

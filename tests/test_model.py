@@ -160,26 +160,35 @@ def test_fast_cpu_dropout_replaces_every_lora_and_head_dropout(tiny_llama):
 
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("groups", [1, 3])
-@pytest.mark.parametrize("mask", [None, "boolean", "additive"])
+@pytest.mark.parametrize("mask", [None, "boolean", "additive", "position bias"])
 def test_attention_with_fast_dropout_computes_what_sdpa_computes(causal, groups, mask):
     """A drop probability that drops nothing (below 1/65536) takes the hand-written path and must give SDPA's
-    result for every mask transformers hands SDPA, causal or not, with grouped key/value heads or not."""
+    result and gradients for every mask transformers hands SDPA, causal or not, with grouped key/value heads or
+    not, at the model's scaling; a relative position bias, which only SDPA's path applies, goes to SDPA."""
     import torch
     from torch import nn
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    from textclf.components.dropout import sdpa_with_fast_dropout
+    from textclf.components.attention_dropout import sdpa_with_fast_dropout
 
     module = nn.Module()
     module.is_causal, module.num_key_value_groups = causal, groups
     torch.manual_seed(0)
-    query, key, value = torch.randn(2, 6, 10, 8), torch.randn(2, 6 // groups, 10, 8), torch.randn(2, 6 // groups, 10, 8)
+    shapes = ((2, 6, 10, 8), (2, 6 // groups, 10, 8), (2, 6 // groups, 10, 8))
     attends = torch.rand(2, 1, 10, 10) > 0.3
     attends[..., 0] = True  # every query attends somewhere
-    masks = {None: None, "boolean": attends, "additive": torch.where(attends, 0.0, torch.finfo(torch.float32).min)}
-    expected, _ = sdpa_attention_forward(module, query, key, value, masks[mask], dropout=0.0)
-    computed, _ = sdpa_with_fast_dropout(module, query, key, value, masks[mask], dropout=1e-9)
-    assert torch.allclose(computed, expected, atol=1e-5)
+    masks = {None: None, "boolean": attends, "additive": torch.where(attends, 0.0, torch.finfo(torch.float32).min),
+             "position bias": attends}
+    extra = {"position_bias": torch.randn(1, 6, 10, 10)} if mask == "position bias" else {}
+    results = []
+    for attention, dropout in ((sdpa_attention_forward, 0.0), (sdpa_with_fast_dropout, 1e-9)):
+        torch.manual_seed(1)
+        query, key, value = (torch.randn(*shape, requires_grad=True) for shape in shapes)
+        output, _ = attention(module, query, key, value, masks[mask], dropout=dropout, scaling=0.3, **extra)
+        output.pow(2).sum().backward()
+        results.append((output, query.grad, key.grad, value.grad))
+    for expected, computed in zip(*results):
+        assert torch.allclose(computed, expected, atol=1e-5)
 
 
 def test_attention_with_fast_dropout_drops_probabilities_at_the_rate():
@@ -187,7 +196,7 @@ def test_attention_with_fast_dropout_drops_probabilities_at_the_rate():
     from torch import nn
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    from textclf.components.dropout import sdpa_with_fast_dropout
+    from textclf.components.attention_dropout import sdpa_with_fast_dropout
 
     module = nn.Module()
     module.is_causal = False
@@ -202,12 +211,14 @@ def test_attention_with_fast_dropout_drops_probabilities_at_the_rate():
     assert torch.equal(evaluated, sdpa_attention_forward(module, query, key, value, None, dropout=0.0)[0])
 
 
-def test_encoders_train_with_the_fast_attention_dropout_and_save_their_usual_attention(minilm, tmp_path):
+def test_encoders_train_with_the_fast_attention_dropout_and_save_their_usual_attention(minilm, tmp_path, monkeypatch):
     """MiniLM drops attention probabilities: CPU training switches its attention, the training forward and
     backward run, and a saved copy names no attention function that another process would lack."""
     import json
 
-    from textclf.components.dropout import FAST_DROPOUT_ATTENTION
+    from textclf.components import attention_dropout
+    from textclf.components.attention_dropout import FAST_DROPOUT_ATTENTION
+    from textclf.components.dropout import fast_dropout
     from textclf.components.trainer import adapt_to_device
 
     model, _ = build_classifier(ModelConfig(base_model=minilm), "full", ["a", "b"], "{text}", 64)
@@ -215,9 +226,17 @@ def test_encoders_train_with_the_fast_attention_dropout_and_save_their_usual_att
     assert encoder.config._attn_implementation == "sdpa"
     adapt_to_device(model)
     assert encoder.config._attn_implementation == FAST_DROPOUT_ATTENTION
+    dropped = []  # the attention probabilities that went through the fast mask: batch x heads x length x length
+
+    def counting(x, p):
+        dropped.append(tuple(x.shape))
+        return fast_dropout(x, p)
+
+    monkeypatch.setattr(attention_dropout, "fast_dropout", counting)
     model.train()
     ids = torch.randint(1000, 2000, (2, 12))
     model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=torch.tensor([0, 1])).loss.backward()
+    assert dropped == [(2, encoder.config.num_attention_heads, 12, 12)] * encoder.config.num_hidden_layers
     assert encoder.embeddings.word_embeddings.weight.grad is not None
     encoder.save_pretrained(tmp_path / "saved")
     saved = (tmp_path / "saved" / "config.json").read_text()
@@ -227,7 +246,7 @@ def test_encoders_train_with_the_fast_attention_dropout_and_save_their_usual_att
 def test_models_without_attention_dropout_keep_their_attention(tiny_llama):
     from transformers import AutoModel
 
-    from textclf.components.dropout import use_fast_cpu_attention_dropout
+    from textclf.components.attention_dropout import use_fast_cpu_attention_dropout
 
     decoder = AutoModel.from_pretrained(tiny_llama)
     implementation = decoder.config._attn_implementation

@@ -19,7 +19,8 @@ from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase, Train
 
 from textclf.components.checkpoints import WEIGHTS_FILE
 from textclf.components.data import LabeledSplits, load_splits
-from textclf.components.dropout import use_fast_cpu_attention_dropout, use_fast_cpu_dropout
+from textclf.components.attention_dropout import use_fast_cpu_attention_dropout
+from textclf.components.dropout import use_fast_cpu_dropout
 from textclf.components.encoding import EncodedTexts, PromptEncoder, batches_by_length, longest_first, pad_batch
 from textclf.components.evaluation import METRIC_NAMES, classification_metrics, confusion
 from textclf.components.model import TextClassifier, base_of, build_classifier, load_trained_state, trained_state
