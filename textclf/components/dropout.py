@@ -59,4 +59,3 @@ def use_fast_cpu_dropout(model: nn.Module) -> int:
                 setattr(parent, name, FastCPUDropout(child.p))
                 replaced += 1
     return replaced
-

@@ -17,9 +17,9 @@ import torch
 from datasets import Dataset
 from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase, Trainer, TrainingArguments, set_seed
 
+from textclf.components.attention_dropout import use_fast_cpu_attention_dropout
 from textclf.components.checkpoints import WEIGHTS_FILE
 from textclf.components.data import LabeledSplits, load_splits
-from textclf.components.attention_dropout import use_fast_cpu_attention_dropout
 from textclf.components.dropout import use_fast_cpu_dropout
 from textclf.components.encoding import EncodedTexts, PromptEncoder, batches_by_length, longest_first, pad_batch
 from textclf.components.evaluation import METRIC_NAMES, classification_metrics, confusion
