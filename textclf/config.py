@@ -112,6 +112,9 @@ class TrainingConfig:
     max_steps: int = param(-1, "stop after this many steps (overrides epochs when > 0)")
     max_train_minutes: float | None = param(None, "time budget: evaluate, save and stop once training has run this "
                                             "long", range=POSITIVE)
+    fit_to_budget: bool = param(False, "with max_train_minutes: time the steps while training and end the run where "
+                                "the budget does, evaluations included (epochs/max_steps: the most it may run), "
+                                "with the learning-rate warm-up and decay sized to that length")
     eval_steps: int = preset("evaluate every N steps", full=50, lora=100, range=POSITIVE)
     # Saved at every evaluation by default: only a saved step can be selected as the best checkpoint, so a step
     # evaluated but not saved could show the best score on the curves and still not be the model a run keeps.
@@ -266,6 +269,8 @@ def validate(config: RunConfig) -> None:
             f"save_steps ({training.save_steps}) must be a multiple of eval_steps ({training.eval_steps}) "
             "so that the best checkpoint can be kept"
         )
+    if training.fit_to_budget and not training.max_train_minutes:
+        raise TextclfError("fit_to_budget sizes the run to max_train_minutes: set max_train_minutes too")
     if training.epochs <= 0 and training.max_steps <= 0:
         raise TextclfError("set epochs > 0 or max_steps > 0")
     if config.model.lora_layers and config.mode != "lora":

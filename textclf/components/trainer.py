@@ -15,9 +15,11 @@ from typing import Any
 import numpy as np
 import torch
 from datasets import Dataset
+from torch.optim.lr_scheduler import LambdaLR
 from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase, Trainer, TrainingArguments, set_seed
 
 from textclf.components.attention_dropout import use_fast_cpu_attention_dropout
+from textclf.components.budget import ScheduleLength
 from textclf.components.checkpoints import WEIGHTS_FILE
 from textclf.components.data import LabeledSplits, load_splits
 from textclf.components.dropout import use_fast_cpu_dropout
@@ -185,9 +187,10 @@ class BatchCounts:
 
 
 class ClassifierTrainer(Trainer):
-    """The Trainer with four changes: the classification head may learn at its own rate, a LoRA checkpoint
-    holds only what training changes, the rows and tokens of each training batch are counted, and only a
-    saved step can become the best one.
+    """The Trainer with five changes: the classification head may learn at its own rate, a LoRA checkpoint
+    holds only what training changes, the rows and tokens of each training batch are counted, only a
+    saved step can become the best one, and the learning-rate schedule may follow a ``schedule_length`` that
+    changes while training (``fit_to_budget``).
 
     Overriding ``create_optimizer`` (rather than passing ``optimizers=``) keeps one code path for plain
     training and DeepSpeed, which calls it when its config names no optimizer.
@@ -203,10 +206,11 @@ class ClassifierTrainer(Trainer):
     """
 
     def __init__(self, *args, head_learning_rate: float | None = None, batch_counts: BatchCounts | None = None,
-                 **kwargs):
+                 schedule_length: ScheduleLength | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.head_learning_rate = head_learning_rate
         self.batch_counts = batch_counts if batch_counts is not None else BatchCounts()
+        self.schedule_length = schedule_length
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         self.batch_counts.add(inputs)
@@ -227,6 +231,14 @@ class ClassifierTrainer(Trainer):
                 optimizer_kwargs = {k: v for k, v in optimizer_kwargs.items() if k in ("lr", "betas", "eps")}
             self.optimizer = optimizer_class(groups, **optimizer_kwargs)
         return self.optimizer
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        if self.lr_scheduler is None and self.schedule_length is not None:
+            # The linear schedule over a length that textclf.components.budget.FitToBudget may change.
+            self.schedule_length.resize(num_training_steps)
+            self.lr_scheduler = LambdaLR(optimizer or self.optimizer, self.schedule_length)
+            self._created_lr_scheduler = True  # as the Trainer's own: a second train() builds it anew
+        return super().create_scheduler(num_training_steps, optimizer)
 
     def _offloads_optimizer(self) -> bool:
         config = self.args.hf_deepspeed_config.config if self.is_deepspeed_enabled else {}

@@ -82,6 +82,8 @@ class ConsoleProgress(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.bar is not None:
+            if self.bar.total != state.max_steps:  # fit_to_budget planned another length
+                self.bar.total = state.max_steps
             self.bar.update(state.global_step - self.bar.n)
 
     def on_log(self, args, state, control, logs=None, **kwargs):

@@ -20,6 +20,7 @@ from transformers.trainer_callback import EarlyStoppingCallback, ProgressCallbac
 
 from textclf import serving
 from textclf.components import checkpoints
+from textclf.components.budget import FitToBudget, ScheduleLength
 from textclf.components.callbacks import BestOfResumedRun, CheckpointCallback, TimeBudgetCallback
 from textclf.components.data import load_splits
 from textclf.components.model import save_classifier
@@ -114,15 +115,19 @@ def run_training(
         callbacks = [signals.InterruptCallback(),  # first: no other callback acts on an interrupted step
                      tracking.MlflowTrainingCallback(counts, evaluation_state),
                      CheckpointCallback(model.spec, run_recipe, config.to_dict()), BestOfResumedRun()]
+        schedule_length = None
         if config.training.max_train_minutes:
             callbacks.append(TimeBudgetCallback(config.training.max_train_minutes))
+        if config.training.fit_to_budget:
+            schedule_length = ScheduleLength(total=0, warmup=0, warmup_ratio=config.training.warmup_ratio)
+            callbacks.append(FitToBudget(config.training.max_train_minutes, schedule_length, len(prepared.eval_set)))
         if config.training.early_stopping_patience:
             callbacks.append(EarlyStoppingCallback(config.training.early_stopping_patience))
         trainer = ClassifierTrainer(
             model=model, args=args, train_dataset=prepared.train_set, eval_dataset=prepared.eval_set,
             data_collator=training_collator(tokenizer), callbacks=callbacks + list(extra_callbacks or []),
             compute_metrics=make_compute_metrics(len(splits.label_names), splits.label_names, evaluation_state),
-            head_learning_rate=config.training.head_learning_rate, batch_counts=counts,
+            head_learning_rate=config.training.head_learning_rate, batch_counts=counts, schedule_length=schedule_length,
         )
         if resume_from and checkpoints.is_last_step(resume_from):
             restore_finished_training(trainer, model, resume_from, deepspeed is not None)

@@ -407,6 +407,7 @@ class MlflowTrainingCallback(TrainerCallback):
                         and "per_second" not in k})
         if "loss" in logs:
             metrics.update(self.throughput(args.device))
+            metrics["train/planned_steps"] = state.max_steps  # moves where fit_to_budget sizes the run
         if "train_runtime" in logs:  # the Trainer's last log: wall time of train(), evaluations included
             metrics.update({"train/runtime_seconds": logs["train_runtime"], "train/eval_seconds": self.eval_seconds,
                             "train/step_seconds": self.step_seconds(args.device)})

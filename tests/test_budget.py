@@ -1,0 +1,143 @@
+"""fit_to_budget: a run sized to its time budget on the machine at hand, its learning rate decayed by the end."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from mlflow import MlflowClient
+from torch.optim.lr_scheduler import LambdaLR
+from transformers import get_linear_schedule_with_warmup
+
+from textclf.components.budget import ScheduleLength, evaluations_between, last_affordable_step
+from textclf.config import build_config
+from textclf.errors import TextclfError
+
+
+def optimizer() -> torch.optim.Optimizer:
+    return torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+
+
+def rates(scheduler, steps: int) -> list[float]:
+    values = []
+    for _ in range(steps):
+        values.append(scheduler.get_last_lr()[0])
+        scheduler.optimizer.step()
+        scheduler.step()
+    return values
+
+
+def test_a_fixed_length_is_transformers_linear_schedule():
+    length = ScheduleLength(total=0, warmup=0, warmup_ratio=0.1)
+    length.resize(50)
+    assert length.warmup == 5
+    ours = rates(LambdaLR(optimizer(), length), 55)
+    theirs = rates(get_linear_schedule_with_warmup(optimizer(), num_warmup_steps=5, num_training_steps=50), 55)
+    assert ours == pytest.approx(theirs)
+
+
+def test_a_new_length_moves_the_decay_and_comes_back_with_the_schedulers_state():
+    length = ScheduleLength(total=100, warmup=10, warmup_ratio=0.1)
+    scheduler = LambdaLR(optimizer(), length)
+    rates(scheduler, 20)
+    length.resize(40)  # the budget holds fewer steps than planned
+    assert (length.total, length.warmup) == (40, 4)
+    assert scheduler.lr_lambdas[0](20) == pytest.approx(20 / 36) and scheduler.lr_lambdas[0](40) == 0.0
+    saved = scheduler.state_dict()
+    resumed_length = ScheduleLength(total=100, warmup=10, warmup_ratio=0.1)
+    resumed = LambdaLR(optimizer(), resumed_length)
+    resumed.load_state_dict(saved)
+    assert (resumed_length.total, resumed_length.warmup) == (40, 4)
+
+
+def test_the_last_affordable_step_counts_steps_and_evaluations():
+    # Evaluations every 10 steps and at the last one.
+    assert evaluations_between(0, 30, 10) == 3 and evaluations_between(5, 34, 10) == 4 and evaluations_between(30, 31, 10) == 1
+    # From step 20, 100 s left, 1 s per step, 5 s per evaluation: step 110 costs 90 + 9 * 5 = 135 s; step 85 costs
+    # 65 + 7 * 5 = 100 s (evaluations at 30..80 and 85).
+    assert last_affordable_step(20, 100.0, 1.0, 5.0, 10, upper_bound=1000) == 85
+    assert last_affordable_step(20, 100.0, 1.0, 5.0, 10, upper_bound=50) == 50  # never past what the run may run
+    assert last_affordable_step(20, 1.0, 1.0, 5.0, 10, upper_bound=1000) == 21  # over budget: one step more
+
+
+class Clock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def simulate(monkeypatch, minutes: float, upper_bound: int, step_seconds: float, evaluation_seconds: float,
+             eval_every: int) -> tuple[list[int], list[int], float]:
+    """Drive FitToBudget beside the Trainer's flow callback on a fake clock, as the Trainer calls them: the
+    evaluated steps, the planned lengths seen at each step, and the seconds the run took."""
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+    from transformers.trainer_callback import DefaultFlowCallback
+
+    from textclf.components import budget
+
+    clock = Clock()
+    monkeypatch.setattr(budget.time, "perf_counter", clock)
+    args = TrainingArguments(output_dir="unused", per_device_train_batch_size=8, eval_strategy="steps",
+                             eval_steps=eval_every, save_strategy="steps", save_steps=eval_every, report_to=[])
+    state, control, flow = TrainerState(max_steps=upper_bound), TrainerControl(), DefaultFlowCallback()
+    state.compute_steps(args, upper_bound)
+    length = ScheduleLength(total=upper_bound, warmup=0, warmup_ratio=0.1)
+    fit = budget.FitToBudget(minutes, length, eval_rows=64)
+    fit.on_train_begin(args, state, control)
+    evaluated, planned = [], []
+    while not control.should_training_stop:
+        fit.on_step_begin(args, state, control)
+        clock.now += step_seconds * (3 if state.global_step == 0 else 1)  # the first step builds what the rest reuse
+        state.global_step += 1
+        flow.on_step_end(args, state, control)
+        fit.on_step_end(args, state, control)
+        planned.append(state.max_steps)
+        assert length.total == state.max_steps <= upper_bound
+        if control.should_evaluate:
+            evaluated.append(state.global_step)
+            clock.now += evaluation_seconds
+        control.should_evaluate = control.should_save = False
+    return evaluated, planned, clock.now
+
+
+def test_the_run_ends_where_its_budget_does_with_its_last_step_evaluated(monkeypatch):
+    # 1 s per step, 5 s per evaluation every 10 steps: 2 minutes hold ~95 steps, far fewer than the 1,000 allowed.
+    evaluated, planned, seconds = simulate(monkeypatch, 2.0, 1000, 1.0, 5.0, 10)
+    last = planned[-1]
+    assert evaluated[-1] == last and evaluated[:-1] == list(range(10, last, 10))
+    assert 120 - 3 * 1.0 - 5.0 <= seconds <= 120  # little left: the two steps held back, one more and its evaluation
+    assert planned[:5] == [1000] * 5 and planned[5] < 1000  # planned at step 6, once 5 steps are timed (not the first)
+    # An upper bound the budget holds is run whole.
+    evaluated, planned, seconds = simulate(monkeypatch, 2.0, 50, 1.0, 5.0, 10)
+    assert planned == [50] * 50 and evaluated == [10, 20, 30, 40, 50] and seconds < 90
+
+
+def test_fit_to_budget_needs_a_budget():
+    with pytest.raises(TextclfError, match="fit_to_budget .* max_train_minutes"):
+        build_config(dataset="sst2", fit_to_budget=True)
+    assert build_config(dataset="sst2", fit_to_budget=True, max_train_minutes=5).training.fit_to_budget
+
+
+@pytest.mark.slow
+def test_a_fitted_run_ends_with_its_budget_and_its_learning_rate_decayed(mlflow_store, tiny_dataset, tiny_llama):
+    from tests.test_training import COMMON, run_train
+
+    # 1,000 epochs of 6 steps could never run in 18 seconds: the budget ends the run, and the schedule with it.
+    run_id = run_train("--data_path", str(tiny_dataset), "--mode", "lora", "--base_model", tiny_llama, "--epochs", "1000",
+                       "--eval_steps", "40", "--warmup_ratio", "0.1", "--learning_rate", "1e-3", *COMMON,
+                       "--max_train_minutes", "0.3", "--fit_to_budget", "true", "--register", "false")
+    client = MlflowClient()
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.params["training.fit_to_budget"] == "True"
+    planned = [m.value for m in client.get_metric_history(run_id, "train/planned_steps")]
+    last_step = max(m.step for m in client.get_metric_history(run_id, "train/loss"))
+    # Ended by the plan (or, had the last steps run slower than the plan's, by the budget a few steps before it).
+    assert planned[0] == 6000 and 0.9 * planned[-1] <= last_step <= planned[-1] < 6000
+    assert run.data.metrics["train/runtime_seconds"] < 0.3 * 60 * 1.25
+    learning_rates = sorted(client.get_metric_history(run_id, "train/learning_rate"), key=lambda m: m.step)
+    assert learning_rates[2].value < 0.5e-3  # a warm-up ...
+    assert max(m.value for m in learning_rates) > 0.5e-3  # ... to the peak ...
+    assert learning_rates[-1].value < 0.1e-3  # ... and a decay that ends with the budget
+    evaluated = [m.step for m in client.get_metric_history(run_id, "eval/f1_macro")]
+    assert evaluated[-1] == last_step and run.data.metrics["best/step"] in evaluated

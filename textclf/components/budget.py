@@ -1,0 +1,153 @@
+"""A run sized to its time budget (``fit_to_budget``): the number of steps the budget holds on this machine,
+measured while training, with the learning-rate warm-up and decay stretched or shrunk to it.
+
+Without it a recipe's step count is fixed for one machine: on a faster CPU the run ends early and leaves
+minutes unused, on a slower one the budget cuts it off before the learning rate has decayed. The Trainer
+fixes a schedule's length when it builds it (``get_scheduler``), so the length lives here, in a
+:class:`ScheduleLength` that the learning-rate factor reads at every step and that :class:`FitToBudget` sets.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+
+from transformers import TrainerCallback
+
+from textclf.distributed.ranks import from_main_process, is_main_process
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ScheduleLength:
+    """The optimizer steps a run plans and its warm-up steps; ``warmup_ratio`` (when warm-up is a fraction of
+    the run) keeps the warm-up in proportion when the run's length changes."""
+
+    total: int
+    warmup: int
+    warmup_ratio: float | None = None
+
+    # A callable object rather than a function: torch's LambdaLR saves its __dict__ with the scheduler's state,
+    # so a resumed run gets back the length its schedule had.
+    def __call__(self, step: int) -> float:
+        return self.factor(step)
+
+    def resize(self, total: int) -> None:
+        self.total = total
+        if self.warmup_ratio is not None:
+            self.warmup = math.ceil(total * self.warmup_ratio)
+
+    def factor(self, step: int) -> float:
+        """The learning rate at ``step`` as a fraction of the peak: transformers' linear schedule
+        (``get_linear_schedule_with_warmup``), written out because its length here can change."""
+        if step < self.warmup:
+            return step / max(1, self.warmup)
+        return max(0.0, (self.total - step) / max(1, self.total - self.warmup))
+
+
+def evaluations_between(first_step: int, last_step: int, eval_every: int) -> int:
+    """How many evaluations the steps ``first_step + 1 .. last_step`` hold: every ``eval_every`` steps and
+    the last one (the Trainer evaluates and saves the step it ends on)."""
+    count = last_step // eval_every - first_step // eval_every
+    return count + (last_step % eval_every != 0)
+
+
+def last_affordable_step(step: int, seconds_left: float, step_seconds: float, evaluation_seconds: float,
+                         eval_every: int, upper_bound: int) -> int:
+    """The last step after ``step`` whose training steps and evaluations fit in ``seconds_left``: at most
+    ``upper_bound``, at least ``step + 1`` (a run over its budget ends at the next step)."""
+
+    def cost(last: int) -> float:
+        return (last - step) * step_seconds + evaluations_between(step, last, eval_every) * evaluation_seconds
+
+    low, high = min(step + 1, upper_bound), upper_bound
+    if cost(high) <= seconds_left:
+        return high
+    while low < high:  # the largest last step whose cost fits: cost grows with it
+        middle = (low + high + 1) // 2
+        low, high = (middle, high) if cost(middle) <= seconds_left else (low, middle - 1)
+    return low
+
+
+class FitToBudget(TrainerCallback):
+    """Times the training steps and the evaluations (with their saves) and sets the run's last step to what
+    ``minutes`` hold: ``state.max_steps``, at which the Trainer evaluates, saves and stops, and the
+    :class:`ScheduleLength` that the learning rate follows. The steps the Trainer planned
+    (``epochs``/``max_steps``) are the upper bound. It plans once ``min_steps`` are timed (the first step of a
+    process is not: it also builds what later steps reuse), so that the warm-up is sized to the budget while
+    it is still short, and again every ``replan_every`` steps.
+
+    Before the first evaluation its cost is estimated from the validation rows at half a training step's
+    time per row (no backward pass); each evaluation measured replaces the estimate. Rank 0 plans and the
+    other ranks follow it (every rank plans at the same steps). A resumed run keeps the length its schedule
+    had until it plans again, with a budget of its own (the time budget counts per process)."""
+
+    def __init__(self, minutes: float, length: ScheduleLength, eval_rows: int, min_steps: int = 5,
+                 replan_every: int = 10, margin: float = 0.01):
+        self.seconds = minutes * 60 * (1 - margin)
+        self.length, self.eval_rows = length, eval_rows
+        self.min_steps, self.replan_every = min_steps, replan_every
+        self.upper_bound = length.total
+        self.started = time.perf_counter()
+        self.step_started = self.last_step_ended = None
+        self.step_seconds = self.evaluation_seconds = 0.0
+        self.steps_seen = self.steps_timed = self.evaluations_timed = 0
+        self.evaluating = False  # whether the step that just ended is evaluated (and saved) before the next one
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.started = time.perf_counter()
+        self.upper_bound = state.max_steps
+        if state.global_step and state.global_step < self.length.total < state.max_steps:
+            # Resumed: the planned length came back with the scheduler's state; it holds until the next plan.
+            state.max_steps = self.length.total
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        now = time.perf_counter()
+        if self.last_step_ended is not None:
+            gap = now - self.last_step_ended  # logging and the next batch; or an evaluation and a save
+            if self.evaluating:
+                self.evaluation_seconds += gap
+                self.evaluations_timed += 1
+            else:
+                self.step_seconds += gap
+        self.step_started = now
+
+    def on_step_end(self, args, state, control, **kwargs):
+        # Runs after the Trainer's flow callback has decided whether this step evaluates, saves or ends the run.
+        now = time.perf_counter()
+        self.steps_seen += 1
+        if self.steps_seen > 1:
+            self.step_seconds += now - self.step_started
+            self.steps_timed += 1
+            self.last_step_ended = now
+        self.evaluating = control.should_evaluate or control.should_save
+        ending = control.should_training_stop or state.global_step >= state.max_steps
+        due = self.steps_timed == self.min_steps or (self.steps_timed > self.min_steps
+                                                     and state.global_step % self.replan_every == 0)
+        if due and not ending:
+            self.plan(args, state, now)
+
+    def evaluation_estimate(self, args, step_seconds: float) -> float:
+        if self.evaluations_timed:
+            return self.evaluation_seconds / self.evaluations_timed
+        rows_per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps
+        return 0.5 * step_seconds * self.eval_rows / max(1, args.world_size) / rows_per_step
+
+    def plan(self, args, state, now: float) -> None:
+        step_seconds = self.step_seconds / self.steps_timed
+        evaluation_seconds = self.evaluation_estimate(args, step_seconds)
+        # Held back: the evaluation this step still runs, and two steps for steps slower than the mean until the next plan.
+        held_back = (evaluation_seconds if self.evaluating else 0.0) + 2 * step_seconds
+        seconds_left = self.seconds - (now - self.started) - held_back
+        last = last_affordable_step(state.global_step, seconds_left, step_seconds, evaluation_seconds,
+                                    state.eval_steps, self.upper_bound)
+        last = from_main_process(last)
+        if last != state.max_steps:
+            if is_main_process() and abs(last - state.max_steps) >= 0.05 * state.max_steps:
+                log.info("fit_to_budget: %.2f s per step, %.1f s per evaluation: the budget holds %d steps (was %d)",
+                         step_seconds, evaluation_seconds, last, state.max_steps)
+            state.max_steps = last
+            self.length.resize(last)
