@@ -31,12 +31,8 @@ def test_the_demo_trains_minilm_on_all_of_sst2_and_tests_on_the_full_split():
     assert 0 < config.training.max_train_minutes <= 4  # leaves room for loading, testing and logging in 5 min
 
 
-def test_the_demo_trains_two_epochs_only_where_bf16_makes_them_fit(tmp_path):
-    """The Makefile reads the CPU's flags (CPUINFO, /proc/cpuinfo by default) as textclf's precision=auto does."""
-    from textclf.components.trainer import cpu_has_fast_bf16
-
-    for flags, bf16 in (("fpu avx2 fma", False), ("avx2 avx512f avx512_bf16", True), ("avx2 amx_bf16 amx_tile", True)):
-        cpuinfo = tmp_path / "cpuinfo"
-        cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
-        assert cpu_has_fast_bf16(cpuinfo) is bf16
-        assert float(demo_parameters(f"CPUINFO={cpuinfo}")["epochs"]) == (2 if bf16 else 1)
+def test_the_demo_fits_at_most_two_epochs_to_its_budget():
+    """How many epochs fit in 5 minutes depends on the CPU: the demo may run two, sized to its budget on the machine."""
+    arguments = demo_parameters()
+    assert float(arguments["epochs"]) == 2 and arguments["fit_to_budget"] == "true"
+    assert 0 < float(arguments["max_train_minutes"]) <= 4

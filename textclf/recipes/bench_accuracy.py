@@ -18,42 +18,44 @@ SHORT_TEMPLATE = '"{text}" Categories: {class_labels}. Answer:'
 # Issue 22's goals, set for a 2-core CPU without bf16 instructions (fp32).
 GOALS = {"sst2": {"test_accuracy": 0.93, "train_minutes": 20}, "r8": {"test_accuracy": 0.982, "train_minutes": 30}}
 
-# Why these recipes (measured on 2-core CPUs; docs/benchmarks.md). Each is sized to its time budget on the
-# precision the CPU trains in (textclf's precision=auto): a CPU with bf16 instructions (AVX512-BF16/AMX) trains
-# these models 2-4x faster, so its schedule holds more steps; the time budget only guards a slower machine.
+# Why these recipes (measured on 2-core CPUs; docs/benchmarks.md). Each is fitted to its time budget on the machine
+# at hand (fit_to_budget: the steps are timed while training and the run, with its learning-rate decay, ends where
+# the budget does), up to an upper bound in epochs. What the precision changes (textclf's precision=auto) is the
+# learning rate and the evaluation cadence: a CPU with bf16 instructions (AVX512-BF16/AMX) trains these models
+# 2-4x faster than fp32, so its budget holds 2-3x the steps.
 # - SST-2: the default LLM with LoRA (it beat MiniLM: 91.8% after one epoch vs the 89.1% anchor of MiniLM after
-#   three). fp32: ~3.7 samples/s with the short prompt (2.15 s per step of 8), so 20 minutes hold ~0.5 epoch: 460
-#   steps, validation capped to 300 rows (~25 s per evaluation). bf16 (a Xeon with AMX), under jemalloc
-#   (textclf.process.allocator): 8.7 samples/s over the whole split (0.92 s per step), so 1,120 steps (1.29 epochs)
-#   and four evaluations of the whole validation split (~20 s each) end inside the budget. At lr 5e-4: 91.54% in 18.6
-#   min (960 steps: 92.04% in 15.9 min); at lr 1e-3 (kept: validation 91.2% against 90.0%): 92.09% in 18.9 min.
-#   Under glibc's malloc the steps slowed to 1.6 s and 720 steps (91.65%) filled the
-#   20 minutes. LoRA on the top 10 layers only (lora_layers) trains at twice the rate, but two epochs of it reached
-#   89.3%, below every-layer runs of less than an epoch.
+#   three). fp32 on a 2-core AMD EPYC: ~3.7 samples/s with the short prompt (2.15 s per step of 8), so 20 minutes
+#   hold ~0.5 epoch (460 steps), validation capped to 300 rows (~25 s per evaluation). bf16 (a Xeon with AMX), under
+#   jemalloc (textclf.process.allocator): 8.7 samples/s over the whole split (0.92 s per step), so ~1,120 steps
+#   (1.29 epochs) and four evaluations of the whole validation split (~20 s each). At 1,120 steps lr 5e-4 reached
+#   91.54% and lr 1e-3 (kept: validation 91.2% against 90.0%) 92.09%. Under glibc's malloc bf16 steps slow to
+#   1.6 s: ~720 steps (91.65% at lr 5e-4). LoRA on the top 10 layers only (lora_layers) trains at twice the rate,
+#   but two epochs of it reached 89.3%, below every-layer runs of less than an epoch.
 # - R8: prompts average 160-180 tokens, where the 135M LLM trains at ~1 sample/s in fp32 (~1,800 rows in 30 min, a
-#   third of an epoch); MiniLM fully fine-tuned trains at ~6.4 samples/s (141 tokens on average at max length 256),
-#   so 600 steps of 16 (~2 epochs) and 6 evaluations of the 823 validation rows fit; in bf16, six epochs (25.6 min
-#   under glibc's malloc: 98.08%; 23.2 min under jemalloc with the fast attention-dropout mask: 97.85%; the best step
-#   was 1,400 both times). Longer prompts (max length 384, 512) cost 1.5-2.3x per step and did not validate better.
-#   The goal is accuracy, so checkpoints are selected by validation accuracy.
+#   third of an epoch); MiniLM fully fine-tuned trains at ~6.4 samples/s on the AMD (141 tokens on average at max
+#   length 256): ~600 steps of 16 (~2 epochs) and evaluations of the 823 validation rows every 100 steps; in bf16,
+#   six epochs (1,750 steps; 25.6 min under glibc's malloc: 98.08%; 23.2 min under jemalloc with the fast
+#   attention-dropout mask: 97.85%; the best step was 1,400 both times). Longer prompts (max length 384, 512) cost
+#   1.5-2.3x per step and did not validate better. The goal is accuracy, so checkpoints are selected by validation
+#   accuracy.
 RECIPES: dict[str, dict[str, Any]] = {
     "sst2": dict(mode="lora", base_model=DEFAULT_BASE_MODEL, prompt_template=SHORT_TEMPLATE, max_length=128,
-                 batch_size=8, learning_rate=5e-4, head_learning_rate=1e-3, warmup_ratio=0.1, max_steps=460,
-                 eval_steps=115, max_eval_samples=300, max_train_minutes=19.25),
+                 batch_size=8, learning_rate=5e-4, head_learning_rate=1e-3, warmup_ratio=0.1, epochs=2,
+                 fit_to_budget=True, eval_steps=115, max_eval_samples=300, max_train_minutes=19.25),
     "r8": dict(mode="full", base_model="minilm", prompt_template=SHORT_TEMPLATE, max_length=256, batch_size=16,
-               learning_rate=8e-5, head_learning_rate=1e-3, warmup_ratio=0.06, max_steps=600, eval_steps=100,
-               metric_for_best="accuracy", max_train_minutes=29.5),
+               learning_rate=8e-5, head_learning_rate=1e-3, warmup_ratio=0.06, epochs=6, fit_to_budget=True,
+               eval_steps=100, metric_for_best="accuracy", max_train_minutes=29.5),
 }
-# The time budgets stop training short of the goal's minutes: the step at which a budget stops is evaluated and
-# saved, which counts as training time too (SST-2 in bf16: 0.6 min for the whole validation split and the save).
+# The time budgets stop training short of the goal's minutes: the step a run ends on is evaluated and saved, which
+# counts as training time too (SST-2 in bf16: 0.6 min for the whole validation split and the save).
 # What a CPU with bf16 instructions changes in each recipe.
 BF16_CHANGES: dict[str, dict[str, Any]] = {
-    "sst2": dict(max_steps=1120, eval_steps=280, max_eval_samples=None, learning_rate=1e-3),
-    "r8": dict(max_steps=1750, eval_steps=175),
+    "sst2": dict(eval_steps=280, max_eval_samples=None, learning_rate=1e-3),
+    "r8": dict(eval_steps=175),
 }
 # ... and what it changes again where the process runs glibc's malloc, under which bf16 steps slow down as training
-# goes on (1.0 -> 1.6 s per SST-2 step): a schedule that fits 20 minutes there.
-BF16_WITHOUT_JEMALLOC: dict[str, dict[str, Any]] = {"sst2": dict(max_steps=720, eval_steps=180, learning_rate=5e-4)}
+# goes on (1.0 -> 1.6 s per SST-2 step): the settings of the run measured with the fewer steps that fit there.
+BF16_WITHOUT_JEMALLOC: dict[str, dict[str, Any]] = {"sst2": dict(eval_steps=180, learning_rate=5e-4)}
 
 
 def recipe(dataset: str, precision: str | None = None, allocator: str | None = None) -> dict[str, Any]:
