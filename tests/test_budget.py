@@ -67,14 +67,22 @@ class Clock:
         return self.now
 
 
-def simulate(monkeypatch, minutes: float, upper_bound: int, step_seconds: float, evaluation_seconds: float,
-             eval_every: int) -> tuple[list[int], list[int], float]:
-    """Drive FitToBudget beside the Trainer's flow callback on a fake clock, as the Trainer calls them: the
-    evaluated steps, the planned lengths seen at each step, and the seconds the run took."""
+def descending_runs(step: int) -> int:
+    """Tokens of a step as the length-grouped sampler serves them: runs of 50 batches, longest first (800 tokens
+    down to 200; 500 on average)."""
+    return 800 - 600 * ((step - 1) % 50) / 49
+
+
+def simulate(monkeypatch, minutes: float, upper_bound: int, evaluation_seconds: float, eval_every: int,
+             step_tokens=descending_runs, seconds_per_token: float = 0.002) -> tuple[list[int], list[int], float]:
+    """Drive FitToBudget beside the Trainer's flow callback on a fake clock, as the Trainer calls them, with steps
+    that take ``seconds_per_token``: the evaluated steps, the planned length seen at each step, and the seconds
+    the run took."""
     from transformers import TrainerControl, TrainerState, TrainingArguments
     from transformers.trainer_callback import DefaultFlowCallback
 
     from textclf.components import budget
+    from textclf.components.trainer import BatchCounts
 
     clock = Clock()
     monkeypatch.setattr(budget.time, "perf_counter", clock)
@@ -82,13 +90,15 @@ def simulate(monkeypatch, minutes: float, upper_bound: int, step_seconds: float,
                              eval_steps=eval_every, save_strategy="steps", save_steps=eval_every, report_to=[])
     state, control, flow = TrainerState(max_steps=upper_bound), TrainerControl(), DefaultFlowCallback()
     state.compute_steps(args, upper_bound)
-    length = ScheduleLength(total=upper_bound, warmup=0, warmup_ratio=0.1)
-    fit = budget.FitToBudget(minutes, length, eval_rows=64)
+    length, counts = ScheduleLength(total=upper_bound, warmup=0, warmup_ratio=0.1), BatchCounts()
+    fit = budget.FitToBudget(minutes, length, counts, mean_row_tokens=500 / 8, eval_tokens=64 * 60)
     fit.on_train_begin(args, state, control)
     evaluated, planned = [], []
     while not control.should_training_stop:
         fit.on_step_begin(args, state, control)
-        clock.now += step_seconds * (3 if state.global_step == 0 else 1)  # the first step builds what the rest reuse
+        tokens = step_tokens(state.global_step + 1)
+        counts.real_tokens += tokens
+        clock.now += tokens * seconds_per_token * (3 if state.global_step == 0 else 1)  # the first builds what the rest reuse
         state.global_step += 1
         flow.on_step_end(args, state, control)
         fit.on_step_end(args, state, control)
@@ -102,14 +112,22 @@ def simulate(monkeypatch, minutes: float, upper_bound: int, step_seconds: float,
 
 
 def test_the_run_ends_where_its_budget_does_with_its_last_step_evaluated(monkeypatch):
-    # 1 s per step, 5 s per evaluation every 10 steps: 2 minutes hold ~95 steps, far fewer than the 1,000 allowed.
-    evaluated, planned, seconds = simulate(monkeypatch, 2.0, 1000, 1.0, 5.0, 10)
+    # 1 s per step on average (the longest first in each run of 50), evaluations every 10 steps that take what
+    # FitToBudget estimates before timing one (half a training step's time per token: 0.5 x 0.002 x 3,840 s):
+    # 2 minutes hold ~80 steps, far fewer than the 1,000 allowed.
+    evaluated, planned, seconds = simulate(monkeypatch, 2.0, 1000, 3.84, 10)
     last = planned[-1]
     assert evaluated[-1] == last and evaluated[:-1] == list(range(10, last, 10))
-    assert 120 - 3 * 1.0 - 5.0 <= seconds <= 120  # little left: the two steps held back, one more and its evaluation
+    assert 120 - 3 * 1.6 - 3.84 <= seconds <= 120  # little left: the two steps held back, one more and its evaluation
     assert planned[:5] == [1000] * 5 and planned[5] < 1000  # planned at step 6, once 5 steps are timed (not the first)
+    # ... and near the end already, though its steps were the longest of their run (1.5 s each: a mean per step
+    # would have planned ~55): it reads time per token.
+    assert abs(planned[5] - last) <= 0.07 * last
+    # Evaluations slower than estimated: the plans that follow them end the run sooner, still inside the budget.
+    evaluated, planned, seconds = simulate(monkeypatch, 2.0, 1000, 8.0, 10)
+    assert planned[-1] < planned[5] and evaluated[-1] == planned[-1] and 120 - 3 * 1.6 - 8.0 <= seconds <= 120
     # An upper bound the budget holds is run whole.
-    evaluated, planned, seconds = simulate(monkeypatch, 2.0, 50, 1.0, 5.0, 10)
+    evaluated, planned, seconds = simulate(monkeypatch, 2.0, 50, 5.0, 10)
     assert planned == [50] * 50 and evaluated == [10, 20, 30, 40, 50] and seconds < 90
 
 

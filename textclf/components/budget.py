@@ -80,20 +80,25 @@ class FitToBudget(TrainerCallback):
     process is not: it also builds what later steps reuse), so that the warm-up is sized to the budget while
     it is still short, and again every ``replan_every`` steps.
 
-    Before the first evaluation its cost is estimated from the validation rows at half a training step's
-    time per row (no backward pass); each evaluation measured replaces the estimate. Rank 0 plans and the
-    other ranks follow it (every rank plans at the same steps). A resumed run keeps the length its schedule
-    had until it plans again, with a budget of its own (the time budget counts per process)."""
+    A step's time is read per token trained (``counts``, filled by the Trainer) times the tokens of an average
+    step (``mean_row_tokens`` x rows per step): a mean per step would be far off early on, because the
+    length-grouped sampler serves each run of 50 batches longest first. Before the first evaluation its cost is
+    estimated at half a training step's time per token of the validation rows (``eval_tokens``; no backward
+    pass); each evaluation measured replaces the estimate. Rank 0 plans and the other ranks follow it (every
+    rank plans at the same steps). A resumed run keeps the length its schedule had until it plans again, with
+    a budget of its own (the time budget counts per process)."""
 
-    def __init__(self, minutes: float, length: ScheduleLength, eval_rows: int, min_steps: int = 5,
-                 replan_every: int = 10, margin: float = 0.01):
+    def __init__(self, minutes: float, length: ScheduleLength, counts, mean_row_tokens: float, eval_tokens: int,
+                 min_steps: int = 5, replan_every: int = 10, margin: float = 0.01):
         self.seconds = minutes * 60 * (1 - margin)
-        self.length, self.eval_rows = length, eval_rows
+        self.length, self.counts = length, counts
+        self.mean_row_tokens, self.eval_tokens = mean_row_tokens, eval_tokens
         self.min_steps, self.replan_every = min_steps, replan_every
         self.upper_bound = length.total
         self.started = time.perf_counter()
         self.step_started = self.last_step_ended = None
         self.step_seconds = self.evaluation_seconds = 0.0
+        self.untimed_tokens = 0.0  # those of the first step
         self.steps_seen = self.steps_timed = self.evaluations_timed = 0
         self.evaluating = False  # whether the step that just ended is evaluated (and saved) before the next one
 
@@ -119,7 +124,9 @@ class FitToBudget(TrainerCallback):
         # Runs after the Trainer's flow callback has decided whether this step evaluates, saves or ends the run.
         now = time.perf_counter()
         self.steps_seen += 1
-        if self.steps_seen > 1:
+        if self.steps_seen == 1:
+            self.untimed_tokens = float(self.counts.real_tokens)
+        else:
             self.step_seconds += now - self.step_started
             self.steps_timed += 1
             self.last_step_ended = now
@@ -130,15 +137,14 @@ class FitToBudget(TrainerCallback):
         if due and not ending:
             self.plan(args, state, now)
 
-    def evaluation_estimate(self, args, step_seconds: float) -> float:
-        if self.evaluations_timed:
-            return self.evaluation_seconds / self.evaluations_timed
-        rows_per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps
-        return 0.5 * step_seconds * self.eval_rows / max(1, args.world_size) / rows_per_step
-
     def plan(self, args, state, now: float) -> None:
-        step_seconds = self.step_seconds / self.steps_timed
-        evaluation_seconds = self.evaluation_estimate(args, step_seconds)
+        seconds_per_token = self.step_seconds / max(1.0, float(self.counts.real_tokens) - self.untimed_tokens)
+        rows_per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps
+        step_seconds = seconds_per_token * self.mean_row_tokens * rows_per_step
+        if self.evaluations_timed:
+            evaluation_seconds = self.evaluation_seconds / self.evaluations_timed
+        else:
+            evaluation_seconds = 0.5 * seconds_per_token * self.eval_tokens / max(1, args.world_size)
         # Held back: the evaluation this step still runs, and two steps for steps slower than the mean until the next plan.
         held_back = (evaluation_seconds if self.evaluating else 0.0) + 2 * step_seconds
         seconds_left = self.seconds - (now - self.started) - held_back

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+import numpy as np
 from transformers.trainer_callback import EarlyStoppingCallback, ProgressCallback
 
 from textclf import serving
@@ -120,7 +121,9 @@ def run_training(
             callbacks.append(TimeBudgetCallback(config.training.max_train_minutes))
         if config.training.fit_to_budget:
             schedule_length = ScheduleLength(total=0, warmup=0, warmup_ratio=config.training.warmup_ratio)
-            callbacks.append(FitToBudget(config.training.max_train_minutes, schedule_length, len(prepared.eval_set)))
+            callbacks.append(FitToBudget(config.training.max_train_minutes, schedule_length, counts,
+                                         float(np.mean(prepared.train_encoded.lengths)),
+                                         sum(prepared.eval_encoded.lengths)))
         if config.training.early_stopping_patience:
             callbacks.append(EarlyStoppingCallback(config.training.early_stopping_patience))
         trainer = ClassifierTrainer(
