@@ -35,4 +35,3 @@ def test_the_demo_fits_at_most_two_epochs_to_its_budget():
     """How many epochs fit in 5 minutes depends on the CPU: the demo may run two, sized to its budget on the machine."""
     arguments = demo_parameters()
     assert float(arguments["epochs"]) == 2 and arguments["fit_to_budget"] == "true"
-    assert 0 < float(arguments["max_train_minutes"]) <= 4

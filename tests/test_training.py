@@ -176,6 +176,16 @@ def test_an_epoch_schedule_with_accumulation_a_loss_criterion_and_a_linear_head(
     assert predicted["label"].tolist()[0] in {"0", "1"}
 
 
+def test_precision_auto_reads_bf16_instructions_from_the_cpu_flags(tmp_path):
+    from textclf.components.trainer import cpu_has_fast_bf16
+
+    for flags, bf16 in (("fpu avx2 fma", False), ("avx2 avx512f avx512_vnni", False),
+                        ("avx2 avx512f avx512_bf16", True), ("avx2 amx_bf16 amx_tile", True)):
+        cpuinfo = tmp_path / "cpuinfo"
+        cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
+        assert cpu_has_fast_bf16(cpuinfo) is bf16
+
+
 def test_head_learning_rate_builds_its_own_groups_and_decay_spares_biases_and_norms(tmp_path, tiny_llama):
     from transformers import TrainingArguments
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from transformers import TrainerCallback
 
 from textclf.distributed.ranks import from_main_process, is_main_process
+from textclf.errors import TextclfError
 
 log = logging.getLogger(__name__)
 
@@ -85,8 +86,8 @@ class FitToBudget(TrainerCallback):
     length-grouped sampler serves each run of 50 batches longest first. Before the first evaluation its cost is
     estimated at half a training step's time per token of the validation rows (``eval_tokens``; no backward
     pass); each evaluation measured replaces the estimate. Rank 0 plans and the other ranks follow it (every
-    rank plans at the same steps). A resumed run keeps the length its schedule had until it plans again, with
-    a budget of its own (the time budget counts per process)."""
+    rank plans at the same steps). A resumed run keeps the length its schedule had as its upper bound, and plans
+    with a budget of its own (the time budget counts per process)."""
 
     def __init__(self, minutes: float, length: ScheduleLength, counts, mean_row_tokens: float, eval_tokens: int,
                  min_steps: int = 5, replan_every: int = 10, margin: float = 0.01):
@@ -103,11 +104,18 @@ class FitToBudget(TrainerCallback):
         self.evaluating = False  # whether the step that just ended is evaluated (and saved) before the next one
 
     def on_train_begin(self, args, state, control, **kwargs):
+        if not self.length.total:
+            raise TextclfError("fit_to_budget needs textclf's learning-rate schedule: remove 'scheduler' from the "
+                               "DeepSpeed config")
         self.started = time.perf_counter()
+        self.step_started = self.last_step_ended = None
+        self.step_seconds = self.evaluation_seconds = self.untimed_tokens = 0.0
+        self.steps_seen = self.steps_timed = self.evaluations_timed = 0
         self.upper_bound = state.max_steps
         if state.global_step and state.global_step < self.length.total < state.max_steps:
-            # Resumed: the planned length came back with the scheduler's state; it holds until the next plan.
-            state.max_steps = self.length.total
+            # Resumed: the planned length came back with the scheduler's state. A new plan may shorten it (the
+            # budget counts per process) but never lengthen it: its learning rate would climb back up.
+            state.max_steps = self.upper_bound = self.length.total
 
     def on_step_begin(self, args, state, control, **kwargs):
         now = time.perf_counter()
