@@ -188,8 +188,9 @@ def test_a_fitted_run_ends_with_its_budget_and_its_learning_rate_decayed(mlflow_
     rates = {m.step: m.value for m in client.get_metric_history(run_id, "train/learning_rate")}
     warmup = math.ceil(0.1 * planned[-1])
     assert rates[2] < 0.5e-3 and max(rates.values()) > 0.5e-3  # a warm-up to the peak ...
-    # ... and a linear decay to zero at the planned end, which the last step reached or nearly reached.
-    assert rates[last_step] == pytest.approx(1e-3 * (planned[-1] - last_step) / (planned[-1] - warmup))
+    # ... and a linear decay to zero at the planned end, which the last step reached or nearly reached (the rate
+    # logged at a step is the one that step trained with, set after the step before it).
+    assert rates[last_step] == pytest.approx(1e-3 * (planned[-1] - last_step + 1) / (planned[-1] - warmup))
     assert rates[last_step] <= 0.2e-3
     evaluated = [m.step for m in client.get_metric_history(run_id, "eval/f1_macro")]
     assert evaluated[-1] == last_step and run.data.metrics["best/step"] in evaluated
