@@ -186,11 +186,15 @@ def test_a_fitted_run_ends_with_its_budget_and_its_learning_rate_decayed(mlflow_
     assert planned[0] == 6000 and 0.8 * planned[-1] <= last_step <= planned[-1] < 6000
     assert run.data.metrics["train/runtime_seconds"] < 0.4 * 60 * 1.25
     rates = {m.step: m.value for m in client.get_metric_history(run_id, "train/learning_rate")}
-    warmup = math.ceil(0.1 * planned[-1])
+    lengths = {m.step: m.value for m in client.get_metric_history(run_id, "train/planned_steps")}
     assert rates[2] < 0.5e-3 and max(rates.values()) > 0.5e-3  # a warm-up to the peak ...
-    # ... and a linear decay to zero at the planned end, which the last step reached or nearly reached (the rate
-    # logged at a step is the one that step trained with, set after the step before it).
-    assert rates[last_step] == pytest.approx(1e-3 * (planned[-1] - last_step + 1) / (planned[-1] - warmup))
-    assert rates[last_step] <= 0.2e-3
+    assert rates[last_step] <= 0.2e-3  # ... and a decay nearly to zero by the end of the budget
+    # Every step trained with the linear schedule over the length planned when its rate was set (after step k - 1,
+    # before that step's own plan: the length logged at step k - 2).
+    for step in range(3, last_step + 1):
+        length = lengths[step - 2]
+        warmup = math.ceil(0.1 * length)
+        expected = (step - 1) / warmup if step - 1 < warmup else (length - step + 1) / (length - warmup)
+        assert rates[step] == pytest.approx(1e-3 * expected), step
     evaluated = [m.step for m in client.get_metric_history(run_id, "eval/f1_macro")]
     assert evaluated[-1] == last_step and run.data.metrics["best/step"] in evaluated
