@@ -96,6 +96,9 @@ class FitToBudget(TrainerCallback):
         self.mean_row_tokens, self.eval_tokens = mean_row_tokens, eval_tokens
         self.min_steps, self.replan_every = min_steps, replan_every
         self.upper_bound = length.total
+        self.reset_timers()
+
+    def reset_timers(self) -> None:
         self.started = time.perf_counter()
         self.step_started = self.last_step_ended = None
         self.step_seconds = self.evaluation_seconds = 0.0
@@ -107,10 +110,7 @@ class FitToBudget(TrainerCallback):
         if not self.length.total:
             raise TextclfError("fit_to_budget needs textclf's learning-rate schedule: remove 'scheduler' from the "
                                "DeepSpeed config")
-        self.started = time.perf_counter()
-        self.step_started = self.last_step_ended = None
-        self.step_seconds = self.evaluation_seconds = self.untimed_tokens = 0.0
-        self.steps_seen = self.steps_timed = self.evaluations_timed = 0
+        self.reset_timers()
         self.upper_bound = state.max_steps
         if state.global_step and state.global_step < self.length.total < state.max_steps:
             # Resumed: the planned length came back with the scheduler's state. A new plan may shorten it (the
