@@ -56,9 +56,12 @@ def test_the_last_affordable_step_counts_steps_and_evaluations():
     assert evaluations_between(0, 30, 10) == 3 and evaluations_between(5, 34, 10) == 4 and evaluations_between(30, 31, 10) == 1
     # From step 20, 100 s left, 1 s per step, 5 s per evaluation: step 110 costs 90 + 9 * 5 = 135 s; step 85 costs
     # 65 + 7 * 5 = 100 s (evaluations at 30..80 and 85).
-    assert last_affordable_step(20, 100.0, 1.0, 5.0, 10, upper_bound=1000) == 85
-    assert last_affordable_step(20, 100.0, 1.0, 5.0, 10, upper_bound=50) == 50  # never past what the run may run
-    assert last_affordable_step(20, 1.0, 1.0, 5.0, 10, upper_bound=1000) == 21  # over budget: one step more
+    every_10 = lambda last: evaluations_between(20, last, 10)  # noqa: E731
+    assert last_affordable_step(20, 100.0, 1.0, 5.0, every_10, upper_bound=1000) == 85
+    assert last_affordable_step(20, 100.0, 1.0, 5.0, every_10, upper_bound=50) == 50  # never past what the run may run
+    assert last_affordable_step(20, 1.0, 1.0, 5.0, every_10, upper_bound=1000) == 21  # over budget: one step more
+    # Three evaluations still to come (evaluations=N), wherever the run ends: 85 steps and 15 s of them.
+    assert last_affordable_step(20, 100.0, 1.0, 5.0, lambda last: min(3, last - 20), upper_bound=1000) == 105
 
 
 class Clock:
@@ -76,10 +79,11 @@ def descending_runs(step: int) -> int:
 
 
 def simulate(monkeypatch, minutes: float, upper_bound: int, evaluation_seconds: float, eval_every: int,
-             step_tokens=descending_runs, seconds_per_token: float = 0.002) -> tuple[list[int], list[int], float]:
-    """Drive FitToBudget beside the Trainer's flow callback on a fake clock, as the Trainer calls them, with steps
-    that take ``seconds_per_token``: the evaluated steps, the planned length seen at each step, and the seconds
-    the run took."""
+             step_tokens=descending_runs, seconds_per_token: float = 0.002, evaluations: int = 0,
+             stalls: dict[int, float] | None = None) -> tuple[list[int], list[int], float]:
+    """Drive FitToBudget (and EvenEvaluations where ``evaluations``) beside the Trainer's flow callback on a fake
+    clock, as the Trainer calls them, with steps that take ``seconds_per_token``: the evaluated steps, the planned
+    length seen at each step, and the seconds the run took."""
     from transformers import TrainerControl, TrainerState, TrainingArguments
     from transformers.trainer_callback import DefaultFlowCallback
 
@@ -93,8 +97,11 @@ def simulate(monkeypatch, minutes: float, upper_bound: int, evaluation_seconds: 
     state, control, flow = TrainerState(max_steps=upper_bound), TrainerControl(), DefaultFlowCallback()
     state.compute_steps(args, upper_bound)
     length, counts = ScheduleLength(total=upper_bound, warmup=0, warmup_ratio=0.1), BatchCounts()
-    fit = budget.FitToBudget(minutes, length, counts, mean_row_tokens=500 / 8, eval_tokens=64 * 60)
-    fit.on_train_begin(args, state, control)
+    even = budget.EvenEvaluations(evaluations) if evaluations else None
+    fit = budget.FitToBudget(minutes, length, counts, mean_row_tokens=500 / 8, eval_tokens=64 * 60, evaluations=even)
+    callbacks = [even, fit] if even else [fit]  # as textclf.recipes.training adds them
+    for callback in callbacks:
+        callback.on_train_begin(args, state, control)
     evaluated, planned = [], []
     while not control.should_training_stop:
         fit.on_step_begin(args, state, control)
@@ -102,10 +109,13 @@ def simulate(monkeypatch, minutes: float, upper_bound: int, evaluation_seconds: 
         counts.real_tokens += tokens
         clock.now += tokens * seconds_per_token * (3 if state.global_step == 0 else 1)  # the first builds what the rest reuse
         state.global_step += 1
+        clock.now += (stalls or {}).get(state.global_step, 0.0)  # the machine busy elsewhere
         flow.on_step_end(args, state, control)
-        fit.on_step_end(args, state, control)
+        for callback in callbacks:
+            callback.on_step_end(args, state, control)
         planned.append(state.max_steps)
         assert length.total == state.max_steps <= upper_bound
+        assert control.should_save == control.should_evaluate  # every evaluated step can be selected
         if control.should_evaluate:
             evaluated.append(state.global_step)
             clock.now += evaluation_seconds
@@ -131,6 +141,74 @@ def test_the_run_ends_where_its_budget_does_with_its_last_step_evaluated(monkeyp
     # An upper bound the budget holds is run whole.
     evaluated, planned, seconds = simulate(monkeypatch, 2.0, 50, 5.0, 10)
     assert planned == [50] * 50 and evaluated == [10, 20, 30, 40, 50] and seconds < 90
+
+
+def test_a_stall_stops_shortening_the_plan_once_it_is_100_steps_behind(monkeypatch):
+    # 10 minutes of 1-s steps, evaluated every 100 steps; step 30 stalls for a minute. The plan reads the time per
+    # token of the last ~100 steps, so by step 200 it plans what the run ends on (a mean over the whole run still
+    # counted the minute against every step there: 437 steps planned at step 200, and 500 run).
+    evaluated, planned, seconds = simulate(monkeypatch, 10.0, 10_000, 3.84, 100, stalls={30: 60.0})
+    assert abs(planned[199] - planned[-1]) <= 0.02 * planned[-1]
+    # The budget used (a step past 500 would cost a sixth evaluation: the run ends there, 17 s early).
+    assert 0.96 * 600 <= seconds <= 600 and evaluated[-1] == planned[-1]
+
+
+def test_evaluations_spread_over_the_length_the_budget_holds(monkeypatch):
+    def gaps(evaluated: list[int]) -> list[int]:
+        return [b - a for a, b in zip([0, *evaluated], evaluated)]
+
+    # Four evaluations asked for (eval_steps, 10, is what they replace). The budget holds ~80 steps of the 1,000
+    # allowed, which the run learns at step 6: the evaluations split the length planned as it moves, the last step
+    # is one of them, and the budget is used as without them.
+    evaluated, planned, seconds = simulate(monkeypatch, 2.0, 1000, 3.84, 10, evaluations=4)
+    assert len(evaluated) == 4 and evaluated[-1] == planned[-1]
+    assert all(abs(gap - planned[-1] / 4) <= 0.2 * planned[-1] / 4 for gap in gaps(evaluated))
+    assert 120 - 3 * 1.6 - 3.84 <= seconds <= 120
+    # Evaluations twice as slow as estimated before the first: the plan shrinks after it (from 90 steps to ~75), and
+    # the three left split what remains (a cadence fixed at the first, 23 steps, would have evaluated at 46, 69 and 74).
+    # The plan moves a few steps as the runs of long and short batches pass: no gap is under half of an even one.
+    evaluated, planned, seconds = simulate(monkeypatch, 2.0, 1000, 8.0, 10, evaluations=4)
+    assert len(evaluated) == 4 and evaluated[-1] == planned[-1] and min(gaps(evaluated)) >= 0.5 * planned[-1] / 4
+    # A stall in the first steps: the first plans are short, the run then grows; still four, the last at the end.
+    evaluated, planned, seconds = simulate(monkeypatch, 2.0, 1000, 3.84, 10, evaluations=4, stalls={3: 20.0})
+    assert len(evaluated) == 4 and evaluated[-1] == planned[-1] and seconds <= 120
+    # Fewer evaluations than every 10 steps leave more steps in the same budget.
+    _, planned_often, _ = simulate(monkeypatch, 2.0, 1000, 8.0, 10)
+    _, planned, _ = simulate(monkeypatch, 2.0, 1000, 8.0, 10, evaluations=4)
+    assert planned[-1] > planned_often[-1]
+    # A length the budget holds whole: 50 steps in 4 evaluations.
+    evaluated, planned, _ = simulate(monkeypatch, 2.0, 50, 5.0, 10, evaluations=4)
+    assert planned == [50] * 50 and evaluated == [13, 26, 38, 50]
+
+
+def test_even_evaluations_are_never_behind_the_plan_and_resume_with_those_already_run():
+    from transformers import TrainerControl, TrainerState
+
+    from textclf.components.budget import EvenEvaluations
+
+    def evaluates(callback: EvenEvaluations, step: int, max_steps: int) -> bool:
+        state.global_step, state.max_steps = step, max_steps
+        control = TrainerControl()
+        callback.on_step_end(None, state, control)
+        assert control.should_save == control.should_evaluate
+        return control.should_evaluate
+
+    state, even = TrainerState(max_steps=1000), EvenEvaluations(4)
+    even.on_train_begin(None, state, TrainerControl())
+    assert state.eval_steps == state.save_steps == EvenEvaluations.NEVER  # the flow's cadence never fires
+    assert not evaluates(even, 100, 1000) and evaluates(even, 250, 1000) and even.left() == 3
+    assert not evaluates(even, 251, 1000) and not evaluates(even, 499, 1000)  # the next at 250 + 750 / 3
+    assert evaluates(even, 270, 280)  # the plan shrank: 250 + 30 / 3 is behind this step, which evaluates
+    assert even.left() == 2 and not evaluates(even, 274, 280) and evaluates(even, 275, 280)
+    # Resumed at step 700 of 776 (a checkpoint saved on an interrupt), after evaluations at 194, 388 and 582 that
+    # its trainer state brings back: only the last step's is left.
+    state = TrainerState(max_steps=776, global_step=700)
+    state.log_history = [{"loss": 0.5, "step": 190}, {"eval_loss": 0.4, "eval_f1_macro": 0.8, "step": 194},
+                         {"eval_loss": 0.3, "step": 388}, {"eval_loss": 0.3, "step": 582}]
+    resumed = EvenEvaluations(4)
+    resumed.on_train_begin(None, state, TrainerControl())
+    assert resumed.left() == 1 and not evaluates(resumed, 701, 776) and not evaluates(resumed, 775, 776)
+    assert evaluates(resumed, 776, 776)
 
 
 def test_a_resumed_run_may_end_sooner_but_never_later_than_its_schedule_had_planned(monkeypatch):
@@ -169,13 +247,23 @@ def test_fit_to_budget_needs_a_budget():
     assert build_config(dataset="sst2", fit_to_budget=True, max_train_minutes=5).training.fit_to_budget
 
 
+def test_evaluations_take_the_place_of_eval_steps_and_save_steps():
+    for given in ({"eval_steps": 50}, {"save_steps": 100}):
+        with pytest.raises(TextclfError, match="evaluations=N .* one or the other"):
+            build_config(dataset="sst2", evaluations=4, **given)
+    assert build_config(dataset="sst2", evaluations=4).training.evaluations == 4
+    assert build_config(dataset="sst2", evaluations=0, eval_steps=50).training.eval_steps == 50
+    with pytest.raises(TextclfError, match="evaluations"):
+        build_config(dataset="sst2", evaluations=-1)
+
+
 @pytest.mark.slow
 def test_a_fitted_run_ends_with_its_budget_and_its_learning_rate_decayed(mlflow_store, tiny_dataset, tiny_llama):
     from tests.test_training import COMMON, run_train
 
     # 1,000 epochs of 6 steps could never run in 24 seconds: the budget ends the run, and the schedule with it.
     run_id = run_train("--data_path", str(tiny_dataset), "--mode", "lora", "--base_model", tiny_llama, "--epochs", "1000",
-                       "--eval_steps", "40", "--warmup_ratio", "0.1", "--learning_rate", "1e-3", *COMMON,
+                       "--evaluations", "3", "--warmup_ratio", "0.1", "--learning_rate", "1e-3", *COMMON,
                        "--max_train_minutes", "0.4", "--fit_to_budget", "true", "--register", "false")
     client = MlflowClient()
     run = client.get_run(run_id)
@@ -196,5 +284,7 @@ def test_a_fitted_run_ends_with_its_budget_and_its_learning_rate_decayed(mlflow_
         warmup = math.ceil(0.1 * length)
         expected = (step - 1) / warmup if step - 1 < warmup else (length - step + 1) / (length - warmup)
         assert rates[step] == pytest.approx(1e-3 * expected), step
-    evaluated = [m.step for m in client.get_metric_history(run_id, "eval/f1_macro")]
-    assert evaluated[-1] == last_step and run.data.metrics["best/step"] in evaluated
+    # Three evaluations spread over the planned length, the last step one of them.
+    evaluated = sorted(m.step for m in client.get_metric_history(run_id, "eval/f1_macro"))
+    assert len(evaluated) == 3 and evaluated[-1] == last_step and 0.2 * last_step <= evaluated[0] <= 0.45 * last_step
+    assert run.data.metrics["best/step"] in evaluated

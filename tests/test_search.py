@@ -130,6 +130,24 @@ def test_a_retry_takes_its_trials_place_and_a_trial_past_n_trials_is_surplus():
 
 
 @pytest.mark.slow
+def test_a_trial_evaluated_n_times_reports_its_kth_evaluation_as_step_k():
+    from transformers import TrainerControl, TrainerState
+
+    from textclf.recipes.search_study import PruningCallback
+
+    # Trials fitted to the same minutes with `evaluations` evaluate at steps of their own: the pruner compares them
+    # by evaluation instead (the Trainer logs each evaluation before calling back).
+    study = optuna.create_study(direction="maximize")
+    for by_evaluation, steps in ((True, {1: 0.6, 2: 0.7}), (False, {137: 0.6, 301: 0.7})):
+        trial, state = study.ask(), TrainerState()
+        callback = PruningCallback(trial, "f1_macro", by_evaluation=by_evaluation)
+        for step, value in ((137, 0.6), (301, 0.7)):
+            state.global_step = step
+            state.log_history += [{"loss": 0.1, "step": step}, {"eval_f1_macro": value, "step": step}]
+            callback.on_evaluate(None, state, TrainerControl(), metrics={"eval_f1_macro": value})
+        assert study.trials[-1].intermediate_values == steps
+
+
 def test_seeds_score_a_configuration_by_their_mean(mlflow_store, tmp_path, tiny_dataset, tiny_llama):
     result = CliRunner().invoke(search, tiny_args(tiny_dataset, tiny_llama, "--space", "lora_r=choice(4,8)",
                                                   "--n_trials", "1", "--seeds", "0,1", "--learning_rate", "3e-3"),

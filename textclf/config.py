@@ -116,6 +116,9 @@ class TrainingConfig:
                                 "the budget does, evaluations included (epochs/max_steps: the most it may run), "
                                 "with the learning-rate warm-up and decay sized to that length")
     eval_steps: int = preset("evaluate every N steps", full=50, lora=100, range=POSITIVE)
+    evaluations: int = param(0, "evaluate and save this many times, evenly over the run and at its last step, "
+                             "in place of eval_steps and save_steps (0: every eval_steps); with fit_to_budget, over "
+                             "the steps the budget holds", range=NON_NEGATIVE)
     # Saved at every evaluation by default: only a saved step can be selected as the best checkpoint, so a step
     # evaluated but not saved could show the best score on the curves and still not be the model a run keeps.
     save_steps: int | None = param(None, "checkpoint every N steps, a multiple of eval_steps (default: eval_steps, "
@@ -191,7 +194,11 @@ def build_config(mode: str = DEFAULT_MODE, **overrides: Any) -> RunConfig:
     """
     if mode not in MODES:
         raise TextclfError(f"invalid mode {mode!r}: choose one of {', '.join(MODES)}")
-    values = {**MODE_PRESETS[mode], **{k: v for k, v in overrides.items() if v is not None}}
+    given = {k: v for k, v in overrides.items() if v is not None}
+    if given.get("evaluations") and {"eval_steps", "save_steps"} & set(given):
+        raise TextclfError("evaluations=N evaluates and saves a run N times in place of eval_steps and save_steps: "
+                           "pass one or the other")
+    values = {**MODE_PRESETS[mode], **given}
     if "seed" in values:
         values["seed"] = parse_seed(values["seed"])
     values.setdefault("save_steps", values["eval_steps"])

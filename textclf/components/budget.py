@@ -1,5 +1,6 @@
 """A run sized to its time budget (``fit_to_budget``): the number of steps the budget holds on this machine,
-measured while training, with the learning-rate warm-up and decay stretched or shrunk to it.
+measured while training, with the learning-rate warm-up and decay stretched or shrunk to it; and evaluations
+spread over the run's length (``evaluations``), whatever that length turns out to be.
 
 Without it a recipe's step count is fixed for one machine: on a faster CPU the run ends early and leaves
 minutes unused, on a slower one the budget cuts it off before the learning rate has decayed. The Trainer
@@ -12,6 +13,8 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from transformers import TrainerCallback
@@ -57,12 +60,13 @@ def evaluations_between(first_step: int, last_step: int, eval_every: int) -> int
 
 
 def last_affordable_step(step: int, seconds_left: float, step_seconds: float, evaluation_seconds: float,
-                         eval_every: int, upper_bound: int) -> int:
-    """The last step after ``step`` whose training steps and evaluations fit in ``seconds_left``: at most
-    ``upper_bound``, at least ``step + 1`` (a run over its budget ends at the next step)."""
+                         evaluations_until: Callable[[int], int], upper_bound: int) -> int:
+    """The last step after ``step`` whose training steps and evaluations (``evaluations_until(last)`` of them,
+    growing with ``last``) fit in ``seconds_left``: at most ``upper_bound``, at least ``step + 1`` (a run over
+    its budget ends at the next step)."""
 
     def cost(last: int) -> float:
-        return (last - step) * step_seconds + evaluations_between(step, last, eval_every) * evaluation_seconds
+        return (last - step) * step_seconds + evaluations_until(last) * evaluation_seconds
 
     low, high = min(step + 1, upper_bound), upper_bound
     if cost(high) <= seconds_left:
@@ -71,6 +75,44 @@ def last_affordable_step(step: int, seconds_left: float, step_seconds: float, ev
         middle = (low + high + 1) // 2
         low, high = (middle, high) if cost(middle) <= seconds_left else (low, middle - 1)
     return low
+
+
+class EvenEvaluations(TrainerCallback):
+    """Evaluates (and saves) the run ``count`` times, evenly over its length, the last step included. A cadence
+    in steps evaluates a run fitted to its budget as often as the machine is fast (the SST-2 recipe evaluated
+    every 115 steps: 4 times on one CPU, 7 on a faster one), and every evaluation costs training time.
+
+    Each evaluation falls at the step that splits what is left of the planned run evenly among the evaluations
+    still to come, so the count holds when ``fit_to_budget`` moves the length while training. The Trainer's flow
+    only evaluates at the multiples of one cadence (``state.eval_steps``), which a moving length cannot keep (a
+    cadence fixed early ends up evaluating twice in a row, or twice as often), so this callback decides: it sets
+    the flow's cadence where it never fires (the flow still evaluates and saves the last step) and sets
+    ``should_evaluate``/``should_save`` itself. Add it before :class:`FitToBudget`, which reads its decision and
+    :meth:`left` (it follows the length planned up to the step before: a plan moves a few steps at a time)."""
+
+    NEVER = 2**62  # a cadence no step reaches
+
+    def __init__(self, count: int):
+        self.count = count
+        self.done = self.last_evaluated = 0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        # A resumed run's trainer state brings back the evaluations it ran, with their steps.
+        evaluated = {entry["step"] for entry in state.log_history if any(key.startswith("eval_") for key in entry)}
+        self.done, self.last_evaluated = len(evaluated), max(evaluated, default=0)
+        state.eval_steps = state.save_steps = self.NEVER
+
+    def on_step_end(self, args, state, control, **kwargs):
+        due = self.last_evaluated + math.ceil((state.max_steps - self.last_evaluated) / self.left())
+        if state.global_step >= due:
+            control.should_evaluate = control.should_save = True
+        if control.should_evaluate:  # this one's, the flow's at the last step, or another callback's
+            self.done += 1
+            self.last_evaluated = state.global_step
+
+    def left(self) -> int:
+        """The evaluations still to come: at least the last step's."""
+        return max(1, self.count - self.done)
 
 
 class FitToBudget(TrainerCallback):
@@ -83,18 +125,24 @@ class FitToBudget(TrainerCallback):
 
     A step's time is read per token trained (``counts``, filled by the Trainer) times the tokens of an average
     step (``mean_row_tokens`` x rows per step): a mean per step would be far off early on, because the
-    length-grouped sampler serves each run of 50 batches longest first. Before the first evaluation its cost is
-    estimated at half a training step's time per token of the validation rows (``eval_tokens``; no backward
-    pass); each evaluation measured replaces the estimate. Rank 0 plans and the other ranks follow it (every
-    rank plans at the same steps). A resumed run keeps the length its schedule had as its upper bound, and plans
-    with a budget of its own (the time budget counts per process)."""
+    length-grouped sampler serves each run of 50 batches longest first. The time per token is that of the
+    steps since the last ``window`` plans (~100 steps): a stall of the machine (another process, a slow hour of a
+    VM) stops weighing on the plan once it is that far behind, where the mean of the whole run would keep
+    shortening the run for a time it lost only once, and a drift (steps slowing as training goes on) is followed.
+    Before the first evaluation its cost is estimated at half a training step's time per token of the validation
+    rows (``eval_tokens``; no backward pass); each evaluation measured replaces the estimate. Rank 0 plans and the
+    other ranks follow it (every rank plans at the same steps). A resumed run keeps the length its schedule had as
+    its upper bound, and plans with a budget of its own (the time budget counts per process). With
+    ``evaluations`` the run is evaluated a number of times rather than every ``eval_steps``: the plan counts the
+    evaluations still to come."""
 
     def __init__(self, minutes: float, length: ScheduleLength, counts, mean_row_tokens: float, eval_tokens: int,
-                 min_steps: int = 5, replan_every: int = 10, margin: float = 0.01):
+                 evaluations: EvenEvaluations | None = None, min_steps: int = 5, replan_every: int = 10,
+                 window: int = 10, margin: float = 0.01):
         self.seconds = minutes * 60 * (1 - margin)
-        self.length, self.counts = length, counts
+        self.length, self.counts, self.evaluations = length, counts, evaluations
         self.mean_row_tokens, self.eval_tokens = mean_row_tokens, eval_tokens
-        self.min_steps, self.replan_every = min_steps, replan_every
+        self.min_steps, self.replan_every, self.window = min_steps, replan_every, window
         self.upper_bound = length.total
         self.reset_timers()
 
@@ -102,7 +150,10 @@ class FitToBudget(TrainerCallback):
         self.started = time.perf_counter()
         self.step_started = self.last_step_ended = None
         self.step_seconds = self.evaluation_seconds = 0.0
-        self.untimed_tokens = 0.0  # those of the first step
+        # (seconds, tokens) of the timed steps between two plans, the last `window` intervals. Tokens are read at
+        # plans only: on a GPU, reading the count waits for the device.
+        self.intervals: deque[tuple[float, float]] = deque(maxlen=self.window)
+        self.seconds_planned = self.tokens_planned = 0.0  # step time and tokens at the last plan
         self.steps_seen = self.steps_timed = self.evaluations_timed = 0
         self.evaluating = False  # whether the step that just ended is evaluated (and saved) before the next one
 
@@ -133,7 +184,7 @@ class FitToBudget(TrainerCallback):
         now = time.perf_counter()
         self.steps_seen += 1
         if self.steps_seen == 1:
-            self.untimed_tokens = float(self.counts.real_tokens)
+            self.tokens_planned = float(self.counts.real_tokens)  # the first step's: not timed
         else:
             self.step_seconds += now - self.step_started
             self.steps_timed += 1
@@ -146,7 +197,10 @@ class FitToBudget(TrainerCallback):
             self.plan(args, state, now)
 
     def plan(self, args, state, now: float) -> None:
-        seconds_per_token = self.step_seconds / max(1.0, float(self.counts.real_tokens) - self.untimed_tokens)
+        tokens = float(self.counts.real_tokens)
+        self.intervals.append((self.step_seconds - self.seconds_planned, tokens - self.tokens_planned))
+        self.seconds_planned, self.tokens_planned = self.step_seconds, tokens
+        seconds_per_token = sum(s for s, _ in self.intervals) / max(1.0, sum(t for _, t in self.intervals))
         rows_per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps
         step_seconds = seconds_per_token * self.mean_row_tokens * rows_per_step
         if self.evaluations_timed:
@@ -156,8 +210,13 @@ class FitToBudget(TrainerCallback):
         # Held back: the evaluation this step still runs, and two steps for steps slower than the mean until the next plan.
         held_back = (evaluation_seconds if self.evaluating else 0.0) + 2 * step_seconds
         seconds_left = self.seconds - (now - self.started) - held_back
-        last = last_affordable_step(state.global_step, seconds_left, step_seconds, evaluation_seconds,
-                                    state.eval_steps, self.upper_bound)
+        step = state.global_step
+        if self.evaluations is not None:  # a fixed number still to come, the last step's among them
+            evaluations_until = lambda last: min(self.evaluations.left(), last - step)  # noqa: E731
+        else:
+            evaluations_until = lambda last: evaluations_between(step, last, state.eval_steps)  # noqa: E731
+        last = last_affordable_step(step, seconds_left, step_seconds, evaluation_seconds, evaluations_until,
+                                    self.upper_bound)
         last = from_main_process(last)
         if last != state.max_steps:
             if is_main_process() and abs(last - state.max_steps) >= 0.05 * state.max_steps:

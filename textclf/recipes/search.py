@@ -363,7 +363,8 @@ class _Search:
         runs, values = [], []
         for index, seed in enumerate(self.settings.seeds or (None,)):
             config = self.trial_config(params, place, seed)
-            pruning = PruningCallback(trial, self.metric) if index == 0 and self.settings.pruner != "none" else None
+            pruning = (PruningCallback(trial, self.metric, by_evaluation=bool(config.training.evaluations))
+                       if index == 0 and self.settings.pruner != "none" else None)
             try:
                 result = run_training(config, nested=nested, extra_tags=tags,
                                       extra_callbacks=[pruning] if pruning else None)

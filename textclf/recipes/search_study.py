@@ -202,16 +202,23 @@ def retry(study: optuna.Study, trial: FrozenTrial) -> None:
 class PruningCallback(TrainerCallback):
     """Reports the validation metric to the trial at every evaluation; when the pruner says so, training stops
     after saving that step, so the run still picks its best checkpoint, is tested and logged in full.
-    Added to ``run_training(extra_callbacks=...)``; the caller raises ``optuna.TrialPruned`` once the run is logged."""
+    Added to ``run_training(extra_callbacks=...)``; the caller raises ``optuna.TrialPruned`` once the run is logged.
 
-    def __init__(self, trial: optuna.Trial, metric: str):
+    Optuna's pruners compare trials at the same reported step. A trial evaluated a number of times
+    (``by_evaluation``: the ``evaluations`` parameter) evaluates at steps of its own, so it reports its k-th
+    evaluation as step k."""
+
+    def __init__(self, trial: optuna.Trial, metric: str, by_evaluation: bool = False):
         self.trial, self.key, self.pruned_at = trial, f"eval_{metric}", None
+        self.by_evaluation = by_evaluation
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         value = (metrics or {}).get(self.key)
         if value is None or not state.is_world_process_zero:
             return
-        self.trial.report(float(value), state.global_step)
+        # The Trainer has logged this evaluation before calling back (a resumed run's earlier ones too).
+        evaluated = {entry["step"] for entry in state.log_history if self.key in entry}
+        self.trial.report(float(value), len(evaluated) if self.by_evaluation else state.global_step)
         if self.pruned_at is None and self.trial.should_prune():
             log.info("trial %d pruned at step %d (%s %.4f)", self.trial.number, state.global_step, self.key, value)
             self.pruned_at = state.global_step

@@ -21,7 +21,7 @@ from transformers.trainer_callback import EarlyStoppingCallback, ProgressCallbac
 
 from textclf import serving
 from textclf.components import checkpoints
-from textclf.components.budget import FitToBudget, ScheduleLength
+from textclf.components.budget import EvenEvaluations, FitToBudget, ScheduleLength
 from textclf.components.callbacks import BestOfResumedRun, CheckpointCallback, TimeBudgetCallback
 from textclf.components.data import load_splits
 from textclf.components.model import save_classifier
@@ -119,11 +119,14 @@ def run_training(
         schedule_length = None
         if config.training.max_train_minutes:
             callbacks.append(TimeBudgetCallback(config.training.max_train_minutes))
+        evaluations = EvenEvaluations(config.training.evaluations) if config.training.evaluations else None
+        if evaluations:  # before FitToBudget, which plans with what it decided
+            callbacks.append(evaluations)
         if config.training.fit_to_budget:
             schedule_length = ScheduleLength(total=0, warmup=0, warmup_ratio=config.training.warmup_ratio)
             callbacks.append(FitToBudget(config.training.max_train_minutes, schedule_length, counts,
                                          float(np.mean(prepared.train_encoded.lengths)),
-                                         sum(prepared.eval_encoded.lengths)))
+                                         sum(prepared.eval_encoded.lengths), evaluations))
         if config.training.early_stopping_patience:
             callbacks.append(EarlyStoppingCallback(config.training.early_stopping_patience))
         trainer = ClassifierTrainer(
