@@ -30,7 +30,7 @@ DEMO := -P mode=full -P dataset=sst2 -P base_model=$(DEMO_MODEL) -P 'prompt_temp
 install: $(VENV)/.installed $(DEFAULT_MODEL)/model.safetensors $(DEMO_MODEL)/model.safetensors
 	@if grep -qE 'avx512_bf16|amx_bf16' $(CPUINFO) 2>/dev/null && \
 	  ! $(PY) -c 'import sys; from textclf.process.allocator import jemalloc_library as j; sys.exit(j() is None)'; then \
-	  echo "note: no jemalloc here; bf16 training on this CPU slows down under glibc's malloc (README, 'jemalloc'): sudo apt install libjemalloc2"; fi
+	  echo "note: no jemalloc here; bf16 training slowed down under glibc's malloc on a Xeon with AMX (README, 'jemalloc'): sudo apt install libjemalloc2"; fi
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
