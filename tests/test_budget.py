@@ -162,6 +162,7 @@ def test_evaluations_spread_over_the_length_the_budget_holds(monkeypatch):
     # is one of them, and the budget is used as without them.
     evaluated, planned, seconds = simulate(monkeypatch, 2.0, 1000, 3.84, 10, evaluations=4)
     assert len(evaluated) == 4 and evaluated[-1] == planned[-1]
+    assert abs(planned[5] - planned[-1]) <= 0.07 * planned[-1]  # the first plan counts the four to come
     assert all(abs(gap - planned[-1] / 4) <= 0.2 * planned[-1] / 4 for gap in gaps(evaluated))
     assert 120 - 3 * 1.6 - 3.84 <= seconds <= 120
     # Evaluations twice as slow as estimated before the first: the plan shrinks after it (from 90 steps to ~75), and
@@ -200,15 +201,15 @@ def test_even_evaluations_are_never_behind_the_plan_and_resume_with_those_alread
     assert not evaluates(even, 251, 1000) and not evaluates(even, 499, 1000)  # the next at 250 + 750 / 3
     assert evaluates(even, 270, 280)  # the plan shrank: 250 + 30 / 3 is behind this step, which evaluates
     assert even.left() == 2 and not evaluates(even, 274, 280) and evaluates(even, 275, 280)
-    # Resumed at step 700 of 776 (a checkpoint saved on an interrupt), after evaluations at 194, 388 and 582 that
-    # its trainer state brings back: only the last step's is left.
-    state = TrainerState(max_steps=776, global_step=700)
+    # Resumed from the checkpoint of step 388 of 776, after evaluations at 194 and 388 that its trainer state brings
+    # back: the two left split the rest, at 582 and 776.
+    state = TrainerState(max_steps=776, global_step=388)
     state.log_history = [{"loss": 0.5, "step": 190}, {"eval_loss": 0.4, "eval_f1_macro": 0.8, "step": 194},
-                         {"eval_loss": 0.3, "step": 388}, {"eval_loss": 0.3, "step": 582}]
+                         {"loss": 0.4, "step": 380}, {"eval_loss": 0.3, "step": 388}]
     resumed = EvenEvaluations(4)
     resumed.on_train_begin(None, state, TrainerControl())
-    assert resumed.left() == 1 and not evaluates(resumed, 701, 776) and not evaluates(resumed, 775, 776)
-    assert evaluates(resumed, 776, 776)
+    assert resumed.left() == 2 and not evaluates(resumed, 581, 776) and evaluates(resumed, 582, 776)
+    assert resumed.left() == 1 and not evaluates(resumed, 775, 776) and evaluates(resumed, 776, 776)
 
 
 def test_a_resumed_run_may_end_sooner_but_never_later_than_its_schedule_had_planned(monkeypatch):

@@ -129,7 +129,6 @@ def test_a_retry_takes_its_trials_place_and_a_trial_past_n_trials_is_surplus():
     assert (counts.counted, counts.complete, counts.failed, counts.running) == (2, 2, 0, 0)
 
 
-@pytest.mark.slow
 def test_a_trial_evaluated_n_times_reports_its_kth_evaluation_as_step_k():
     from transformers import TrainerControl, TrainerState
 
@@ -148,6 +147,7 @@ def test_a_trial_evaluated_n_times_reports_its_kth_evaluation_as_step_k():
         assert study.trials[-1].intermediate_values == steps
 
 
+@pytest.mark.slow
 def test_seeds_score_a_configuration_by_their_mean(mlflow_store, tmp_path, tiny_dataset, tiny_llama):
     result = CliRunner().invoke(search, tiny_args(tiny_dataset, tiny_llama, "--space", "lora_r=choice(4,8)",
                                                   "--n_trials", "1", "--seeds", "0,1", "--learning_rate", "3e-3"),

@@ -86,9 +86,11 @@ class EvenEvaluations(TrainerCallback):
     still to come, so the count holds when ``fit_to_budget`` moves the length while training. The Trainer's flow
     only evaluates at the multiples of one cadence (``state.eval_steps``), which a moving length cannot keep (a
     cadence fixed early ends up evaluating twice in a row, or twice as often), so this callback decides: it sets
-    the flow's cadence where it never fires (the flow still evaluates and saves the last step) and sets
-    ``should_evaluate``/``should_save`` itself. Add it before :class:`FitToBudget`, which reads its decision and
-    :meth:`left` (it follows the length planned up to the step before: a plan moves a few steps at a time)."""
+    the flow's cadence where it never fires (``NEVER``, also the run's ``eval_steps``/``save_steps`` arguments, so
+    that a resumed run's arguments match its trainer state; the flow still evaluates and saves the last step) and
+    sets ``should_evaluate``/``should_save`` itself. Add it before the callbacks that read which steps evaluate:
+    :class:`FitToBudget` also plans with :meth:`left`. It follows the length planned up to the step before (a plan
+    moves a few steps at a time)."""
 
     NEVER = 2**62  # a cadence no step reaches
 

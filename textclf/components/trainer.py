@@ -19,7 +19,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase, Trainer, TrainingArguments, set_seed
 
 from textclf.components.attention_dropout import use_fast_cpu_attention_dropout
-from textclf.components.budget import ScheduleLength
+from textclf.components.budget import EvenEvaluations, ScheduleLength
 from textclf.components.checkpoints import WEIGHTS_FILE
 from textclf.components.data import LabeledSplits, load_splits
 from textclf.components.dropout import use_fast_cpu_dropout
@@ -126,9 +126,10 @@ def training_arguments(config: RunConfig, output_dir: Path, precision: str, deep
         num_train_epochs=t.epochs,
         max_steps=t.max_steps,
         eval_strategy="steps",
-        eval_steps=t.eval_steps,
+        # With evaluations=N, textclf.components.budget.EvenEvaluations decides when: the flow's cadence never fires.
+        eval_steps=EvenEvaluations.NEVER if t.evaluations else t.eval_steps,
         save_strategy="steps",
-        save_steps=t.save_steps,
+        save_steps=EvenEvaluations.NEVER if t.evaluations else t.save_steps,
         save_total_limit=t.save_total_limit,
         load_best_model_at_end=True,
         metric_for_best_model=f"eval_{t.metric_for_best}",

@@ -34,6 +34,7 @@ NOT_SEARCHABLE = {
     "label_column": "the data must be the same for every trial",
     "max_eval_samples": "every trial must be validated on the same rows",
     "metric_for_best": "it is the objective",
+    "evaluations": "the pruner compares trials by their k-th evaluation",
     "output_dir": "the search chooses each trial's folder",
     "run_name": "the search names each trial's run",
     "register": "trials never register; the best one is registered at the end",

@@ -113,15 +113,15 @@ def run_training(
         if config.training.gradient_checkpointing:
             model.gradient_checkpointing_enable()
         counts, evaluation_state = BatchCounts(), {}
+        evaluations = EvenEvaluations(config.training.evaluations) if config.training.evaluations else None
         callbacks = [signals.InterruptCallback(),  # first: no other callback acts on an interrupted step
+                     # Next: it decides which steps evaluate, which the others read (FitToBudget, the step timers).
+                     *([evaluations] if evaluations else []),
                      tracking.MlflowTrainingCallback(counts, evaluation_state),
                      CheckpointCallback(model.spec, run_recipe, config.to_dict()), BestOfResumedRun()]
         schedule_length = None
         if config.training.max_train_minutes:
             callbacks.append(TimeBudgetCallback(config.training.max_train_minutes))
-        evaluations = EvenEvaluations(config.training.evaluations) if config.training.evaluations else None
-        if evaluations:  # before FitToBudget, which plans with what it decided
-            callbacks.append(evaluations)
         if config.training.fit_to_budget:
             schedule_length = ScheduleLength(total=0, warmup=0, warmup_ratio=config.training.warmup_ratio)
             callbacks.append(FitToBudget(config.training.max_train_minutes, schedule_length, counts,
