@@ -285,7 +285,16 @@ def test_a_fitted_run_ends_with_its_budget_and_its_learning_rate_decayed(mlflow_
         warmup = math.ceil(0.1 * length)
         expected = (step - 1) / warmup if step - 1 < warmup else (length - step + 1) / (length - warmup)
         assert rates[step] == pytest.approx(1e-3 * expected), step
-    # Three evaluations spread over the planned length, the last step one of them.
+    # Three evaluations, the last step one of them, each at the first step that splits what was left of the length
+    # planned until then (logged at the step before) evenly among the evaluations still to come. Where they fall
+    # in the run's final length depends on the machine: before the first one, its cost is an estimate (CI, running
+    # another test beside this one, measured it several times the estimate and planned 177 steps instead of 273).
     evaluated = sorted(m.step for m in client.get_metric_history(run_id, "eval/f1_macro"))
-    assert len(evaluated) == 3 and evaluated[-1] == last_step and 0.2 * last_step <= evaluated[0] <= 0.45 * last_step
+    assert len(evaluated) == 3 and evaluated[-1] == last_step
+    previous = 0
+    for done, step in enumerate(evaluated[:-1]):
+        due = [s for s in range(previous + 1, last_step + 1)
+               if s >= previous + math.ceil((lengths.get(s - 1, planned[0]) - previous) / (3 - done))]
+        assert step == due[0], (evaluated, done)
+        previous = step
     assert run.data.metrics["best/step"] in evaluated
