@@ -277,7 +277,9 @@ def test_a_fitted_run_ends_with_its_budget_and_its_learning_rate_decayed(mlflow_
     rates = {m.step: m.value for m in client.get_metric_history(run_id, "train/learning_rate")}
     lengths = {m.step: m.value for m in client.get_metric_history(run_id, "train/planned_steps")}
     assert rates[2] < 0.5e-3 and max(rates.values()) > 0.5e-3  # a warm-up to the peak ...
-    assert rates[last_step] <= 0.2e-3  # ... and a decay nearly to zero by the end of the budget
+    # ... and a decay nearly to zero by the end of the budget: a run the budget ended up to 20% before its plan (above)
+    # is left with at most 0.2 / 0.9 of the peak (unfitted, a 6,000-step run would still be warming up).
+    assert rates[last_step] <= 0.23e-3
     # Every step trained with the linear schedule over the length planned when its rate was set (after step k - 1,
     # before that step's own plan: the length logged at step k - 2).
     for step in range(3, last_step + 1):
