@@ -35,9 +35,9 @@ GOALS = {"sst2": {"test_accuracy": 0.93, "train_minutes": 20}, "r8": {"test_accu
 #   1.6 s: ~720 steps (91.65% at lr 5e-4). LoRA on the top 10 layers only (lora_layers) trains at twice the rate,
 #   but two epochs of it reached 89.3%, below every-layer runs of less than an epoch. Fitted on a 2-core Xeon without
 #   bf16 (AVX512, fp32, 1.28 s per step): 776 steps, 91.71% (the fixed 460 steps before: 90.50% in 11.2 min). On
-#   an AMD EPYC with AVX512-BF16 but no AMX (bf16 under glibc, 1.3-1.4 s per step), 4 evaluations: 724 steps, 91.98%;
-#   there batch 16 (lr 7e-4) trained 1.03x the rows per second and tested 89.84%, and 300 validation rows chose an
-#   earlier checkpoint (89.62%).
+#   an AMD EPYC with AVX512-BF16 but no AMX (bf16 under glibc, 1.3-1.4 s per step), 4 evaluations: 724 steps, 91.98%
+#   (seed 0: 711 steps, 91.16%); there batch 16 (lr 7e-4) trained 1.03x the rows per second and tested 89.84%, and 300
+#   validation rows chose an earlier checkpoint (89.62%).
 # - R8: prompts average 160-180 tokens, where the 135M LLM trains at ~1 sample/s in fp32 (~1,800 rows in 30 min, a
 #   third of an epoch); MiniLM fully fine-tuned trains at ~6.4 samples/s on the AMD (141 tokens on average at max
 #   length 256): ~600 steps of 16 (~2 epochs) and evaluations of the 823 validation rows every 100 steps; in bf16,
