@@ -290,7 +290,8 @@ def test_a_fitted_run_ends_with_its_budget_and_its_learning_rate_decayed(mlflow_
     # Three evaluations, the last step one of them, each at the first step that splits what was left of the length
     # planned until then (logged at the step before) evenly among the evaluations still to come. Where they fall
     # in the run's final length depends on the machine: before the first one, its cost is an estimate (CI, running
-    # another test beside this one, measured it several times the estimate: first at 91, so planned ~3 x 91, it ended at 177).
+    # another test beside this one, measured it several times the estimate: evaluated first at 91, so planned about
+    # 3 x 91 steps then, the run ended at 177).
     evaluated = sorted(m.step for m in client.get_metric_history(run_id, "eval/f1_macro"))
     assert len(evaluated) == 3 and evaluated[-1] == last_step
     previous = 0
