@@ -42,7 +42,7 @@ $(VENV)/.installed: pyproject.toml
 
 # DeepSpeed's CPU ops compiled now (~2 min once) rather than by a first DeepSpeed run (textclf/distributed/cpu_ops.py).
 # A cache cleared later only means the next run compiles them again.
-$(VENV)/.deepspeed-ops: $(VENV)/.installed
+$(VENV)/.deepspeed-ops: $(VENV)/.installed textclf/distributed/cpu_ops.py
 	$(PY) -m textclf.distributed.cpu_ops
 	touch $@
 

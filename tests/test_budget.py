@@ -274,14 +274,15 @@ def test_a_fitted_run_ends_with_its_budget_and_its_learning_rate_decayed(mlflow_
     # Ended by the plan (or, had its last steps stalled, by the budget some steps before it: a busy machine, as CI is
     # with another test beside this one, has ended it at 82% of its plan).
     assert planned[0] == 6000 and 0.7 * planned[-1] <= last_step <= planned[-1] < 6000
-    ended_by_the_budget = last_step < planned[-1]
     assert run.data.metrics["train/runtime_seconds"] < 0.4 * 60 * 1.25
     rates = {m.step: m.value for m in client.get_metric_history(run_id, "train/learning_rate")}
     lengths = {m.step: m.value for m in client.get_metric_history(run_id, "train/planned_steps")}
     assert rates[2] < 0.5e-3 and max(rates.values()) > 0.5e-3  # a warm-up to the peak ...
     # ... and a decay by the end of the budget, at least halfway (unfitted, a 6,000-step run would still be warming
-    # up: its last rate its highest). How far down depends on where the budget ended the run: ended 20% before its
-    # plan, the rate keeps ~0.2 / 0.9 of the peak (CI saw 0.24e-3); the schedule itself is checked step by step below.
+    # up: its last rate its highest). How far down depends on where the budget ended the run and on the plan its last
+    # rate followed (made two steps before the end, which a loaded machine can still move: CI saw 0.236e-3): ended
+    # 30% before its plan (allowed above), a run keeps up to ~0.3 / 0.9 of the peak. The schedule itself is checked
+    # step by step below.
     assert rates[last_step] <= 0.5 * max(rates.values())
     # Every step trained with the linear schedule over the length planned when its rate was set (after step k - 1,
     # before that step's own plan: the length logged at step k - 2).
@@ -290,18 +291,21 @@ def test_a_fitted_run_ends_with_its_budget_and_its_learning_rate_decayed(mlflow_
         warmup = math.ceil(0.1 * length)
         expected = (step - 1) / warmup if step - 1 < warmup else (length - step + 1) / (length - warmup)
         assert rates[step] == pytest.approx(1e-3 * expected), step
-    # Three evaluations, the last step one of them, each at the first step that splits what was left of the length
-    # planned until then (logged at the step before) evenly among the evaluations still to come. Where they fall
-    # in the run's final length depends on the machine: before the first one, its cost is an estimate (CI, running
-    # another test beside this one, measured it several times the estimate: evaluated first at 91, so planned about
-    # 3 x 91 steps then, the run ended at 177).
+    # Three evaluations (two where the run ended by the step its second was due), the last step one of them, each at
+    # the first step that splits what was left of the length planned until then (logged at the step before) evenly
+    # among the evaluations still to come. Where they fall in the run's final length depends on the machine: before
+    # the first one, its cost is an estimate (CI, running another test beside this one, measured it several times the
+    # estimate: evaluated first at 91, so planned about 3 x 91 steps then, the run ended at 177).
     evaluated = sorted(m.step for m in client.get_metric_history(run_id, "eval/f1_macro"))
-    # (Only a run the budget ended at the very step of its second evaluation evaluates twice.)
-    assert evaluated[-1] == last_step and (len(evaluated) == 3 or (ended_by_the_budget and len(evaluated) == 2))
-    previous = 0
+
+    def due(previous: int, done: int) -> list[int]:
+        """The steps after ``previous`` at which the evaluation after ``done`` others was due."""
+        return [s for s in range(previous + 1, last_step + 1)
+                if s >= previous + math.ceil((lengths.get(s - 1, planned[0]) - previous) / (3 - done))]
+
+    assert evaluated[-1] == last_step and len(evaluated) in (2, 3)
     for done, step in enumerate(evaluated[:-1]):
-        due = [s for s in range(previous + 1, last_step + 1)
-               if s >= previous + math.ceil((lengths.get(s - 1, planned[0]) - previous) / (3 - done))]
-        assert step == due[0], (evaluated, done)
-        previous = step
+        assert step == due(evaluated[done - 1] if done else 0, done)[0], (evaluated, done)
+    if len(evaluated) == 2:  # only where the run ended (by its plan or its budget) by the step its second was due
+        assert all(s >= last_step for s in due(evaluated[0], 1)), (evaluated, last_step)
     assert run.data.metrics["best/step"] in evaluated

@@ -297,3 +297,25 @@ def test_sigterm_to_the_launcher_stops_every_rank_and_ends_the_run_killed(tmp_pa
     [run] = mlflow.search_runs(search_all_experiments=True, output_format="list")
     assert run.info.status == "KILLED"
     assert all((c / "COMPLETE").exists() for c in folder.glob("checkpoint-*"))
+
+
+def test_after_install_a_deepspeed_run_compiles_nothing(tmp_path):
+    """`make install` compiles DeepSpeed's CPU ops (textclf.distributed.cpu_ops); a new process then gets both the
+    way a run does (deepspeed.comm's shared-memory op, ZeRO-Offload's CPU Adam) without compiling: the builds'
+    ninja logs, which record every compile, are unchanged."""
+    from torch.utils.cpp_extension import _get_build_directory
+
+    from textclf.distributed.cpu_ops import build_cpu_ops
+
+    assert set(build_cpu_ops()) == {"ShareMemCommBuilder", "CPUAdamBuilder"}  # built now if the cache was cleared
+    logs = [Path(_get_build_directory(name, verbose=False)) / ".ninja_log" for name in ("deepspeed_shm_comm", "cpu_adam")]
+    before = [log.read_bytes() for log in logs]
+    run_like = ("import torch\n"
+                "from deepspeed.comm.torch import build_shm_op\n"
+                "from deepspeed.ops.adam import DeepSpeedCPUAdam\n"
+                "assert build_shm_op() is not None\n"
+                "DeepSpeedCPUAdam([torch.nn.Parameter(torch.zeros(4))])\n")
+    # The same PATH as this process, so the same ninja (make test puts the venv's first, as make install did).
+    done = subprocess.run([sys.executable, "-c", run_like], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert [log.read_bytes() for log in logs] == before

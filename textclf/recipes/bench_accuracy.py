@@ -37,7 +37,8 @@ GOALS = {"sst2": {"test_accuracy": 0.93, "train_minutes": 20}, "r8": {"test_accu
 #   bf16 (AVX512, fp32, 1.28 s per step): 776 steps, 91.71% (the fixed 460 steps before: 90.50% in 11.2 min). On
 #   an AMD EPYC with AVX512-BF16 but no AMX (bf16 under glibc, 1.3-1.4 s per step), 4 evaluations: 724 steps, 91.98%
 #   (seed 0: 711 steps, 91.16%); there batch 16 (lr 7e-4) trained 1.03x the rows per second and tested 89.84%, and 300
-#   validation rows chose an earlier checkpoint (89.62%).
+#   validation rows chose an earlier checkpoint (89.62%). Fitted on the AMD EPYC with AVX2 only (fp32): 468 steps,
+#   90.50%.
 # - R8: prompts average 160-180 tokens, where the 135M LLM trains at ~1 sample/s in fp32 (~1,800 rows in 30 min, a
 #   third of an epoch); MiniLM fully fine-tuned trains at ~6.4 samples/s on the AMD (141 tokens on average at max
 #   length 256): ~600 steps of 16 (~2 epochs) and evaluations of the 823 validation rows every 100 steps; in bf16,
@@ -45,7 +46,8 @@ GOALS = {"sst2": {"test_accuracy": 0.93, "train_minutes": 20}, "r8": {"test_accu
 #   attention-dropout mask: 97.85%; the best step was 1,400 both times). Longer prompts (max length 384, 512) cost
 #   1.5-2.3x per step and did not validate better. Fitted on the Xeon without bf16 (fp32): 1,277 steps, 97.67% (the
 #   fixed 600 steps before: 97.35% in 12.3 min). On the AMD EPYC with AVX512-BF16 (bf16): all 1,752 steps in 28.0
-#   min with 8 evaluations, 97.99% (evaluated every 175 steps: 1,721 steps, 97.49%). The goal is accuracy, so
+#   min with 8 evaluations, 97.99% (evaluated every 175 steps: 1,721 steps, 97.49%). Fitted on the AMD EPYC with AVX2
+#   only (fp32): 747 steps, 98.08% (best step 658). The goal is accuracy, so
 #   checkpoints are selected by validation accuracy.
 RECIPES: dict[str, dict[str, Any]] = {
     "sst2": dict(mode="lora", base_model=DEFAULT_BASE_MODEL, prompt_template=SHORT_TEMPLATE, max_length=128,
