@@ -86,8 +86,8 @@ class Nodes:
 # Set in the ranks when OMP_NUM_THREADS is the launcher's share of the cores, not the user's choice.
 RANK_THREADS_FROM_LAUNCHER = "TEXTCLF_RANK_THREADS_FROM_LAUNCHER"
 
-# How long torchrun lets stopped ranks end their step and their run before SIGKILL (its default: 30 s). Not
-# longer: a rank blocked in a collective after another rank failed cannot act on the signal at all.
+# How long torchrun lets ranks stopped by a signal end their step and their run before SIGKILL (its default: 30 s).
+# After a rank has failed, the others get a few seconds only (textclf.distributed.torchrun).
 SHUTDOWN_SECONDS = 120
 
 
@@ -103,7 +103,7 @@ def launch(num_procs: int, worker_args: list[str], nodes: Nodes = Nodes()) -> in
     else:
         rendezvous = [f"--nnodes={nodes.count}", f"--node_rank={nodes.rank}", f"--master_addr={nodes.master_addr}",
                       f"--master_port={nodes.master_port}"]
-    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={num_procs}", *rendezvous,
+    command = [sys.executable, "-m", "textclf.distributed.torchrun", f"--nproc_per_node={num_procs}", *rendezvous,
                f"--shutdown_timeout={SHUTDOWN_SECONDS}", "-m", "entrypoints.train_deepspeed", "--worker", *worker_args]
     # Each rank's OpenMP pool from its start, by the one rule of textclf.distributed.threads (a user's OMP_NUM_THREADS wins).
     env = {**os.environ, "OMP_NUM_THREADS": str(plan_threads(ranks_sharing=num_procs).intra_op)}
