@@ -253,6 +253,33 @@ def test_integer_labels_without_metadata_are_their_own_names(tmp_path):
     assert all(loaded[f"t{i}"] == i % 3 for i in range(30))
 
 
+@pytest.mark.parametrize("name, classes", [("sst2", 2), ("R8", 8)])
+def test_a_folder_named_like_a_shipped_dataset_keeps_its_own_integer_labels(tmp_path, name, classes):
+    """The shipped names go with the shipped files only: a user's 'r8' folder may number its classes otherwise."""
+    folder = tmp_path / name
+    write_jsonl(folder / "train.jsonl", [{"text": f"t{i}", "label": i % classes} for i in range(10 * classes)])
+    splits = load_splits(DataConfig(data_path=str(folder)))
+    assert splits.label_names == [str(i) for i in range(classes)]
+    assert splits.label_source == "sorted integer labels"
+    shipped = load_splits(DataConfig(data_path=str(REPO / "data/datasets/sst2/data")))  # the shipped files, by path
+    assert shipped.label_names == ["Negative", "Positive"]
+
+
+def test_an_eval_file_is_the_validation_split_and_unnamed_data_files_are_reported(tmp_path, caplog):
+    folder = tmp_path / "reviews"
+    write_jsonl(folder / "train.jsonl", rows(40))
+    write_jsonl(folder / "eval.jsonl", rows(6, offset=100))
+    write_jsonl(folder / "test.jsonl", rows(6, offset=200))
+    write_jsonl(folder / "extra_rows.jsonl", rows(6, offset=300))
+    (folder / "README.md").write_text("not data")
+    with caplog.at_level("WARNING", logger="textclf.components.data"):
+        splits = load_splits(DataConfig(data_path=str(folder)))
+    assert splits.summary() == {"train": 40, "validation": 6, "test": 6}  # eval.jsonl, not 15% of train
+    assert sorted(splits.validation["text"]) == sorted(row["text"] for row in rows(6, offset=100))
+    warnings = [r.getMessage() for r in caplog.records if "ignored" in r.getMessage()]
+    assert len(warnings) == 1 and "extra_rows.jsonl" in warnings[0] and "README" not in warnings[0]
+
+
 @pytest.mark.parametrize("fmt, stars", [("csv", [1, 5]), ("jsonl", ["1", "5"])])
 def test_text_and_label_columns_can_be_named(tmp_path, fmt, stars):
     folder = tmp_path / "reviews"

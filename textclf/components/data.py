@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 FORMATS = {".jsonl": "jsonl", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 SPLIT_ALIASES = {
     "train": ("train", "training"),
-    "validation": ("dev", "val", "valid", "validation"),
+    "validation": ("dev", "val", "valid", "validation", "eval", "evaluation"),
     "test": ("test", "testing"),
 }
 TEXT_COLUMNS = ("text", "sentence", "content", "review", "document", "body", "question", "input")
@@ -81,10 +81,13 @@ def find_split_files(folder: Path, require_train: bool = True) -> dict[str, list
         raise TextclfError(f"{folder}: not a folder (pass the folder holding the train/dev/test files)")
     splits: dict[str, list[Path]] = {}
     unsupported: list[str] = []
+    ignored: list[str] = []  # data files whose name says no split
     for path in sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")):
         tokens = set(re.split(r"[^a-z]+", path.stem.lower()))
         split = next((name for name, aliases in SPLIT_ALIASES.items() if tokens & set(aliases)), None)
         if split is None:
+            if path.suffix.lower() in FORMATS:
+                ignored.append(path.name)
             continue
         if path.suffix.lower() not in FORMATS:
             unsupported.append(path.name)
@@ -95,6 +98,9 @@ def find_split_files(folder: Path, require_train: bool = True) -> dict[str, list
             f"{folder}: unsupported file format ({', '.join(unsupported)}); "
             f"use one of {', '.join(FORMATS)}"
         )
+    if ignored:
+        log.warning("%s: ignored %s: not named like a split (train, dev/validation/eval, test)", folder,
+                    ", ".join(ignored))
     if require_train and "train" not in splits:
         found = ", ".join(p.name for p in folder.iterdir()) or "nothing"
         raise TextclfError(f"{folder}: no train split (expected a file named like train.jsonl; found {found})")
@@ -262,14 +268,19 @@ def _is_integer(labels: pd.Series) -> bool:
 
 
 def resolve_label_names(
-    raw: dict[str, pd.DataFrame], declared: list[str] | None, dataset_name: str, files: dict[str, list[Path]]
+    raw: dict[str, pd.DataFrame], declared: list[str] | None, dataset_name: str, files: dict[str, list[Path]],
+    shipped: bool = False,
 ) -> tuple[list[str], str]:
-    """Decide the ordered label names. Returns (names, where they came from)."""
+    """Decide the ordered label names. Returns (names, where they came from).
+
+    Integer labels take the preset names of a shipped dataset only from its own files (``shipped``): another
+    folder that happens to be called sst2 or r8 may number its classes otherwise, and a name given by position
+    to the wrong class would mislabel every prediction without a word."""
     values = pd.concat([frame["label"] for frame in raw.values()], ignore_index=True)
     if _is_integer(values):
         if declared:
             return list(declared), "parquet metadata"
-        if dataset_name in PRESET_LABEL_NAMES:
+        if shipped and dataset_name in PRESET_LABEL_NAMES:
             return list(PRESET_LABEL_NAMES[dataset_name]), f"preset for {dataset_name}"
         return [str(v) for v in sorted(set(int(v) for v in values))], "sorted integer labels"
     if not all(isinstance(v, str) for v in values):
@@ -348,7 +359,8 @@ def load_splits(config: DataConfig) -> LabeledSplits:
         raw[split], own[split] = load_split(paths, config.text_column, config.label_column)
         if own[split] is not None:
             declared = agreeing(declared, own[split])
-    names, source = resolve_label_names(raw, declared.names if declared else None, config.name, files)
+    shipped = folder.resolve() == DataConfig(dataset=config.name).resolved_path().resolve()
+    names, source = resolve_label_names(raw, declared.names if declared else None, config.name, files, shipped)
     frames = {split: _to_ids(frame, names, files[split][0], own[split], names_declared=declared is not None)
               for split, frame in raw.items()}
     # What the data is, whatever part of it a run trains on: two folders of one name are two datasets.
