@@ -75,6 +75,25 @@ def test_promote_on_loss_picks_the_lowest_loss(add_version):
     assert str(MlflowClient().get_model_version_by_alias(NAME, "champion").version) == "1"
 
 
+def test_a_version_whose_run_did_not_finish_is_never_crowned(add_version):
+    client = MlflowClient()
+
+    def end_run_of(version: str, status: str) -> None:
+        client.set_terminated(client.get_model_version(NAME, version).tags["run_id"], status)  # the registering run
+
+    killed = add_version(0, f1_macro=0.8)  # killed after registering: its rerun registered the same model again
+    rerun = add_version(0, f1_macro=0.8)
+    failed = add_version(1, f1_macro=0.9)
+    end_run_of(killed, "KILLED")
+    end_run_of(failed, "FAILED")
+    result = promote("tinysent")
+    assert result.version == rerun and "among 1 version " in result.reason
+    assert str(client.get_model_version_by_alias(NAME, "champion").version) == rerun
+    end_run_of(rerun, "KILLED")
+    with pytest.raises(TextclfError, match="no version of a finished run"):
+        promote("tinysent")
+
+
 def test_promote_on_f1_picks_the_highest_and_ties_go_to_the_oldest(add_version):
     add_version(0, f1_macro=0.6)
     add_version(1, f1_macro=0.8)
