@@ -104,3 +104,20 @@ def test_a_resumed_run_selects_among_saved_checkpoints(monkeypatch, mlflow_store
     run = latest_run()
     assert run.data.tags.get("resumed_from", "").endswith("checkpoint-2")
     assert run.data.metrics["best/step"] == 4 and run.data.metrics["best/f1_macro"] == pytest.approx(0.8)
+
+
+def test_the_selected_steps_metrics_are_never_another_steps():
+    """Were the selected step's evaluation missing from the history, the model (holding the selected weights at
+    the end of training) is evaluated again, rather than the last evaluation's scores reported as the best's."""
+    from types import SimpleNamespace
+
+    from textclf.components.trainer import best_validation_metrics
+
+    history = [{"step": 4, "eval_loss": 0.5, "eval_accuracy": 0.9}]  # the selected step 2 is not in it
+    calls = []
+    trainer = SimpleNamespace(
+        state=SimpleNamespace(log_history=history, global_step=4, best_model_checkpoint="out/checkpoint-2"),
+        evaluate=lambda: calls.append("evaluate") or {"eval_loss": 0.7, "eval_accuracy": 0.8})
+    assert best_validation_metrics(trainer) == {"accuracy": 0.8, "loss": 0.7, "step": 2} and calls == ["evaluate"]
+    history.insert(0, {"step": 2, "eval_loss": 0.6, "eval_accuracy": 0.85})
+    assert best_validation_metrics(trainer) == {"accuracy": 0.85, "loss": 0.6, "step": 2} and len(calls) == 1

@@ -301,15 +301,17 @@ def make_compute_metrics(num_labels: int, label_names: list[str], evaluation_sta
 def best_validation_metrics(trainer: Trainer) -> dict[str, float]:
     """The validation metrics of the selected checkpoint, read from the log history (no re-evaluation).
 
-    When training ended before any evaluation, evaluates once now.
+    When training ended before any evaluation, or the history lacks the selected step's, evaluates the model
+    (the selected checkpoint's weights, loaded at the end of training) once now: never another step's metrics.
     """
     state = trainer.state
     evaluations = [entry for entry in state.log_history if "eval_loss" in entry]
+    step = state.global_step
     if state.best_model_checkpoint:
-        best_step = int(Path(state.best_model_checkpoint).name.split("-")[-1])
-        evaluations = [entry for entry in evaluations if entry.get("step") == best_step] or evaluations
+        step = int(Path(state.best_model_checkpoint).name.split("-")[-1])
+        evaluations = [entry for entry in evaluations if entry.get("step") == step]
     if not evaluations:
-        evaluations = [{**trainer.evaluate(), "step": state.global_step}]
+        evaluations = [{**trainer.evaluate(), "step": step}]
     entry = evaluations[-1]
     best = {name: entry[f"eval_{name}"] for name in METRIC_NAMES if f"eval_{name}" in entry}
     best["loss"] = entry["eval_loss"]
