@@ -280,6 +280,18 @@ def test_an_eval_file_is_the_validation_split_and_unnamed_data_files_are_reporte
     assert len(warnings) == 1 and "extra_rows.jsonl" in warnings[0] and "README" not in warnings[0]
 
 
+def test_eval_is_the_validation_split_only_where_no_file_is_named_dev(tmp_path, caplog):
+    folder = tmp_path / "reviews"
+    write_jsonl(folder / "train.jsonl", rows(40))
+    write_jsonl(folder / "dev.jsonl", rows(6, offset=100))
+    write_jsonl(folder / "test_eval.jsonl", rows(8, offset=200))  # the test split, whatever else its name says
+    write_jsonl(folder / "eval_results.jsonl", rows(4, offset=300))
+    with caplog.at_level("WARNING", logger="textclf.components.data"):
+        splits = load_splits(DataConfig(data_path=str(folder)))
+    assert splits.summary() == {"train": 40, "validation": 6, "test": 8}
+    assert any("ignored eval_results.jsonl" in r.getMessage() for r in caplog.records)
+
+
 @pytest.mark.parametrize("fmt, stars", [("csv", [1, 5]), ("jsonl", ["1", "5"])])
 def test_text_and_label_columns_can_be_named(tmp_path, fmt, stars):
     folder = tmp_path / "reviews"

@@ -31,9 +31,12 @@ log = logging.getLogger(__name__)
 FORMATS = {".jsonl": "jsonl", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 SPLIT_ALIASES = {
     "train": ("train", "training"),
-    "validation": ("dev", "val", "valid", "validation", "eval", "evaluation"),
+    "validation": ("dev", "val", "valid", "validation"),
     "test": ("test", "testing"),
 }
+# Read as the validation split only in a folder without one of the names above (train/eval/test): a file such as
+# test_eval.jsonl stays the test split, and eval_results.json beside dev.jsonl is not joined to it.
+VALIDATION_FALLBACK_ALIASES = ("eval", "evaluation")
 TEXT_COLUMNS = ("text", "sentence", "content", "review", "document", "body", "question", "input")
 LABEL_COLUMNS = ("label", "labels", "category", "class", "target", "y", "output")
 PRESET_LABEL_NAMES = {
@@ -73,6 +76,11 @@ def frame_digest(frame: pd.DataFrame) -> str:
     return hashlib.sha256(pd.util.hash_pandas_object(frame, index=False).values).hexdigest()[:16]
 
 
+def name_tokens(path: Path) -> set[str]:
+    """The words of a file name, as split names are matched: ``Train-00000-of-00002.parquet`` -> train, of."""
+    return set(re.split(r"[^a-z]+", path.stem.lower()))
+
+
 def find_split_files(folder: Path, require_train: bool = True) -> dict[str, list[Path]]:
     """Map split name -> files, by file name. Raises TextclfError when there is no train split."""
     if not folder.exists():
@@ -81,25 +89,29 @@ def find_split_files(folder: Path, require_train: bool = True) -> dict[str, list
         raise TextclfError(f"{folder}: not a folder (pass the folder holding the train/dev/test files)")
     splits: dict[str, list[Path]] = {}
     unsupported: list[str] = []
-    ignored: list[str] = []  # data files whose name says no split
+    unnamed: list[Path] = []  # data files whose name says no split
     for path in sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")):
-        tokens = set(re.split(r"[^a-z]+", path.stem.lower()))
-        split = next((name for name, aliases in SPLIT_ALIASES.items() if tokens & set(aliases)), None)
+        split = next((name for name, aliases in SPLIT_ALIASES.items() if name_tokens(path) & set(aliases)), None)
         if split is None:
             if path.suffix.lower() in FORMATS:
-                ignored.append(path.name)
+                unnamed.append(path)
             continue
         if path.suffix.lower() not in FORMATS:
             unsupported.append(path.name)
             continue
         splits.setdefault(split, []).append(path)
+    if "validation" not in splits:
+        evaluation = [path for path in unnamed if name_tokens(path) & set(VALIDATION_FALLBACK_ALIASES)]
+        if evaluation:
+            splits["validation"] = evaluation
+    ignored = [p.name for p in unnamed if p not in splits.get("validation", [])]
     if unsupported and not splits:
         raise TextclfError(
             f"{folder}: unsupported file format ({', '.join(unsupported)}); "
             f"use one of {', '.join(FORMATS)}"
         )
     if ignored:
-        log.warning("%s: ignored %s: not named like a split (train, dev/validation/eval, test)", folder,
+        log.warning("%s: ignored %s: not named like a split (train, dev/validation, test; eval without dev)", folder,
                     ", ".join(ignored))
     if require_train and "train" not in splits:
         found = ", ".join(p.name for p in folder.iterdir()) or "nothing"
