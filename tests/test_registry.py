@@ -88,9 +88,10 @@ def test_a_version_whose_run_did_not_finish_is_never_crowned(add_version):
     end_run_of(failed, "FAILED")
     result = promote("tinysent")
     assert result.version == rerun and "among 1 version " in result.reason
+    assert f"left out version {killed} (run KILLED), version {failed} (run FAILED)" in result.reason
     assert str(client.get_model_version_by_alias(NAME, "champion").version) == rerun
     end_run_of(rerun, "KILLED")
-    with pytest.raises(TextclfError, match="no version of a finished run"):
+    with pytest.raises(TextclfError, match="among the versions of finished runs"):
         promote("tinysent")
 
 

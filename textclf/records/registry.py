@@ -189,7 +189,8 @@ def promote(dataset: str, metric: str = "f1_macro", use_stage: bool = True,
 def _promote_once(client: MlflowClient, name: str, metric: str, use_stage: bool,
                   validation_digest: str | None) -> Promotion:
     versions = sorted(client.search_model_versions(f"name = '{name}'"), key=lambda v: int(v.version))
-    candidates, skipped = _rank(_of_finished_runs(client, versions, name), name, metric)
+    finished, unfinished = _of_finished_runs(client, versions, name)
+    candidates, skipped = _rank(finished, name, metric, unfinished)
     candidates, validated_on = _comparable(candidates, name, validation_digest)
     best, value = candidates[0]
     version = str(best.version)
@@ -217,38 +218,44 @@ def _promote_once(client: MlflowClient, name: str, metric: str, use_stage: bool,
         + (f"; next best {candidates[1][1]:.4f}" if n > 1 else "")
         + (f"; skipped version{'' if len(skipped) == 1 else 's'} {', '.join(skipped)} (no validation_{metric} tag)"
            if skipped else "")
+        + (f"; left out {', '.join(unfinished)} (only versions of finished runs compete)" if unfinished else "")
     )
     return Promotion(name, version, _run_id(best), metric, value, alias_moves or bool(stage_moves), reason, skipped)
 
 
-def _of_finished_runs(client: MlflowClient, versions: list[ModelVersion], name: str) -> list[ModelVersion]:
-    """The versions whose registration completed and whose training run ended FINISHED.
+def _of_finished_runs(client: MlflowClient, versions: list[ModelVersion],
+                      name: str) -> tuple[list[ModelVersion], list[str]]:
+    """The versions whose registration completed and whose training run ended FINISHED, and the others, each
+    with its cause.
 
     A run registers its model before it ends: one killed or failed in between leaves a version with every tag,
     and its rerun registers the same model again from a run that finished. Only a finished run's version may be
-    crowned (a tie would otherwise go to the older, failed one). A version whose run the store no longer has keeps
-    its place: nothing says that run did not finish."""
+    crowned (a tie would otherwise go to the older, failed one). A run still RUNNING may be training yet, or waiting
+    for `textclf sync`. A version whose run cannot be read (gone from the store, or not readable by this user on a
+    team server) keeps its place: nothing says that run did not finish."""
     kept, left_out = [], []
     for version in versions:
-        why = None if version.status == "READY" else f"registration {version.status}"
-        if why is None and _run_id(version):
+        cause = None if version.status == "READY" else f"registration {version.status}"
+        if cause is None and _run_id(version):
             try:
                 status = client.get_run(_run_id(version)).info.status
             except MlflowException as exc:
-                if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+                if exc.error_code not in ("RESOURCE_DOES_NOT_EXIST", "PERMISSION_DENIED"):
                     raise
                 status = None
-            why = None if status in (None, "FINISHED") else f"run {status}"
-        if why is None:
+            cause = None if status in (None, "FINISHED") else f"run {status}"
+        if cause is None:
             kept.append(version)
         else:
-            left_out.append(f"{version.version} ({why})")
+            left_out.append(f"version {version.version} ({cause})")
     if left_out:
-        log.warning("%s: versions %s are not candidates: their training did not finish", name, ", ".join(left_out))
-    return kept
+        log.warning("%s: %s not candidates: only versions of runs that ended FINISHED compete", name,
+                    ", ".join(left_out) + (" is" if len(left_out) == 1 else " are"))
+    return kept, left_out
 
 
-def _rank(versions: list[ModelVersion], name: str, metric: str) -> tuple[list[tuple[ModelVersion, float]], list[str]]:
+def _rank(versions: list[ModelVersion], name: str, metric: str,
+          unfinished: list[str] = ()) -> tuple[list[tuple[ModelVersion, float]], list[str]]:
     """Candidates best first (ties: lowest version number) and the versions without the tag.
 
     A tag that is present but not a finite number is refused rather than skipped: that version may
@@ -272,7 +279,8 @@ def _rank(versions: list[ModelVersion], name: str, metric: str) -> tuple[list[tu
             )
         candidates.append((version, value))
     if not candidates:
-        raise TextclfError(f"registered model {name!r} has no version of a finished run with a {tag} tag to promote")
+        raise TextclfError(f"registered model {name!r} has no version with a {tag} tag to promote"
+                          + (f" among the versions of finished runs ({', '.join(unfinished)} left out)" if unfinished else ""))
     if skipped:
         log.warning("%s: versions %s have no %s tag and are not candidates", name, ", ".join(skipped), tag)
     sign = 1.0 if metric in LOWER_IS_BETTER else -1.0
