@@ -107,17 +107,24 @@ def test_a_resumed_run_selects_among_saved_checkpoints(monkeypatch, mlflow_store
 
 
 def test_the_selected_steps_metrics_are_never_another_steps():
-    """Were the selected step's evaluation missing from the history, the model (holding the selected weights at
-    the end of training) is evaluated again, rather than the last evaluation's scores reported as the best's."""
+    """Where the history lacks the evaluation of the step whose weights the model holds, the model is measured
+    again: the selected step's weights without logging (predict), the last step's as an evaluation."""
     from types import SimpleNamespace
 
     from textclf.components.trainer import best_validation_metrics
 
     history = [{"step": 4, "eval_loss": 0.5, "eval_accuracy": 0.9}]  # the selected step 2 is not in it
     calls = []
+    state = SimpleNamespace(log_history=history, global_step=6, best_model_checkpoint="out/checkpoint-2")
     trainer = SimpleNamespace(
-        state=SimpleNamespace(log_history=history, global_step=4, best_model_checkpoint="out/checkpoint-2"),
-        evaluate=lambda: calls.append("evaluate") or {"eval_loss": 0.7, "eval_accuracy": 0.8})
-    assert best_validation_metrics(trainer) == {"accuracy": 0.8, "loss": 0.7, "step": 2} and calls == ["evaluate"]
-    history.insert(0, {"step": 2, "eval_loss": 0.6, "eval_accuracy": 0.85})
-    assert best_validation_metrics(trainer) == {"accuracy": 0.85, "loss": 0.6, "step": 2} and len(calls) == 1
+        state=state, eval_dataset="validation rows",
+        predict=lambda rows, metric_key_prefix: calls.append(("predict", rows, metric_key_prefix)) or SimpleNamespace(
+            metrics={"eval_loss": 0.7, "eval_accuracy": 0.8}),
+        evaluate=lambda: calls.append(("evaluate",)) or {"eval_loss": 0.6, "eval_accuracy": 0.7})
+    assert best_validation_metrics(trainer) == {"accuracy": 0.8, "loss": 0.7, "step": 2}
+    assert calls == [("predict", "validation rows", "eval")]
+    history.insert(0, {"step": 2, "eval_loss": 0.65, "eval_accuracy": 0.85})
+    assert best_validation_metrics(trainer) == {"accuracy": 0.85, "loss": 0.65, "step": 2} and len(calls) == 1
+    state.best_model_checkpoint = None  # nothing selected: the model holds the last step's weights (6)
+    assert best_validation_metrics(trainer) == {"accuracy": 0.7, "loss": 0.6, "step": 6}
+    assert calls[-1] == ("evaluate",)

@@ -301,17 +301,21 @@ def make_compute_metrics(num_labels: int, label_names: list[str], evaluation_sta
 def best_validation_metrics(trainer: Trainer) -> dict[str, float]:
     """The validation metrics of the selected checkpoint, read from the log history (no re-evaluation).
 
-    When training ended before any evaluation, or the history lacks the selected step's, evaluates the model
-    (the selected checkpoint's weights, loaded at the end of training) once now: never another step's metrics.
+    Never another step's metrics: where the history lacks the evaluation of the step whose weights the model holds
+    (the selected checkpoint's, loaded at the end of training, or else the last step's), the model is measured
+    once now.
     """
     state = trainer.state
-    evaluations = [entry for entry in state.log_history if "eval_loss" in entry]
     step = state.global_step
     if state.best_model_checkpoint:
         step = int(Path(state.best_model_checkpoint).name.split("-")[-1])
-        evaluations = [entry for entry in evaluations if entry.get("step") == step]
-    if not evaluations:
+    evaluations = [entry for entry in state.log_history if "eval_loss" in entry and entry.get("step") == step]
+    if not evaluations and step == state.global_step:
+        # The last step's weights: evaluated, logged and drawn like any evaluation.
         evaluations = [{**trainer.evaluate(), "step": step}]
+    elif not evaluations:
+        # An earlier step's weights: predict() logs nothing, which would otherwise file them under the last step.
+        evaluations = [{**trainer.predict(trainer.eval_dataset, metric_key_prefix="eval").metrics, "step": step}]
     entry = evaluations[-1]
     best = {name: entry[f"eval_{name}"] for name in METRIC_NAMES if f"eval_{name}" in entry}
     best["loss"] = entry["eval_loss"]
