@@ -2,12 +2,13 @@
 
 When a rank fails, torchrun sends the others SIGTERM and waits 30 seconds before SIGKILL, whatever
 ``--shutdown_timeout`` says: in torch 2.13 the process context that notices the failure closes the others with
-``PContext.close``'s default timeout (``--shutdown_timeout`` is passed only when torchrun itself is signalled).
+``PContext.close``'s default timeout (the agent passes ``--shutdown_timeout`` when torchrun itself is signalled,
+and again once the ranks are gone, too late to matter).
 The ranks left are then blocked in a collective that can never complete (ZeRO-3 gathers every layer's weights
 from all ranks), so they cannot act on the signal: the 30 s only delayed the error a user sees (measured: rank 0
 of a two-process run was SIGKILLed 30 s after rank 1 had failed). The launcher ends the run FAILED itself once
-torchrun returns. No torchrun option sets this grace, hence the changed default below; the signal path keeps
-its explicit timeout.
+torchrun returns. No torchrun option sets this grace, hence the changed default below. A signalled stop (Ctrl-C,
+SIGTERM to the launcher) keeps its explicit timeout: there the ranks finish their step, save and end the run KILLED.
 """
 
 from __future__ import annotations
