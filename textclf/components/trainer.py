@@ -299,7 +299,7 @@ def make_compute_metrics(num_labels: int, label_names: list[str], evaluation_sta
 
 
 def best_validation_metrics(trainer: Trainer) -> dict[str, float]:
-    """The validation metrics of the selected checkpoint, read from the log history (no re-evaluation).
+    """The validation metrics of the selected checkpoint, read from the log history.
 
     Never another step's metrics: where the history lacks the evaluation of the step whose weights the model holds
     (the selected checkpoint's, loaded at the end of training, or else the last step's), the model is measured

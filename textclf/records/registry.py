@@ -255,8 +255,9 @@ def _of_finished_runs(client: MlflowClient, versions: list[ModelVersion],
 
 
 def _rank(versions: list[ModelVersion], name: str, metric: str,
-          unfinished: list[str] = ()) -> tuple[list[tuple[ModelVersion, float]], list[str]]:
-    """Candidates best first (ties: lowest version number) and the versions without the tag.
+          unfinished: list[str]) -> tuple[list[tuple[ModelVersion, float]], list[str]]:
+    """Candidates best first (ties: lowest version number) and the versions without the tag (``unfinished``: the
+    versions already left out, named in the error when none is left).
 
     A tag that is present but not a finite number is refused rather than skipped: that version may
     well be the best one, and crowning another in silence would be a wrong promotion nobody sees."""
