@@ -112,6 +112,74 @@ def test_save_load_round_trip_and_merged_equals_adapter(tmp_path, tiny_llama, mo
         assert loaded.spec.lora["layers_to_transform"] == [1]
 
 
+def test_base_layers_keeps_the_pretrained_lowest_layers_through_save_load_and_resume(tmp_path, tiny_llama):
+    from safetensors.torch import save_file
+    from transformers import AutoModel
+
+    from textclf.components.model import rebuild_from_state, trained_state
+
+    model, tokenizer = make(tiny_llama, base_layers=1)
+    assert model.config.num_hidden_layers == 1 and model.spec.base_layers == 1
+    # Its features are the whole model's after layer 0 (with the final norm): the pretrained weights, not fresh ones.
+    whole = AutoModel.from_pretrained(tiny_llama).eval()
+    batch = tokenizer(TEXTS[:2], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        expected = whole.norm(whole(**batch, output_hidden_states=True).hidden_states[1])
+        torch.testing.assert_close(model.backbone(**batch).last_hidden_state, expected)
+    with torch.no_grad():  # as if trained: the adapters matter
+        for name, param in model.backbone.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)
+    before = Predictor(model, tokenizer).logits(TEXTS)
+    # A checkpoint (adapters and head only) rebuilds onto the same lowest layer, as a resumed run does.
+    model.spec.save(tmp_path / "checkpoint")
+    save_file({k: v.contiguous() for k, v in trained_state(model).items()}, str(tmp_path / "checkpoint" / "w.safetensors"))
+    rebuilt, _ = rebuild_from_state(tmp_path / "checkpoint", tmp_path / "checkpoint" / "w.safetensors")
+    assert abs(Predictor(rebuilt, tokenizer).logits(TEXTS) - before).max() < 1e-4
+    # The saved model holds that one layer and predicts alike, with nothing but its folder.
+    save_classifier(model, tokenizer, tmp_path / "model")
+    loaded, loaded_tokenizer = load_classifier(tmp_path / "model")
+    assert loaded.config.num_hidden_layers == 1
+    assert abs(Predictor(loaded, loaded_tokenizer).logits(TEXTS) - before).max() < 1e-4
+
+
+def test_base_layers_on_an_encoder_and_on_a_model_with_per_layer_attention_kinds(tmp_path, tiny_llama, minilm):
+    import shutil
+
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2Model
+
+    # Qwen2 declares each layer's attention kind (layer_types), which must follow the depth into the saved model.
+    qwen = tmp_path / "qwen2"
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2, use_sliding_window=True, sliding_window=16,
+                         max_window_layers=1)
+    assert len(config.layer_types) == 3
+    torch.manual_seed(0)
+    Qwen2Model(config).save_pretrained(qwen)
+    tokenizer.save_pretrained(qwen)
+    for base, layers in ((str(qwen), 2), (minilm, 4)):
+        model, tokenizer = make(base, mode="full", base_layers=layers)
+        assert model.config.num_hidden_layers == layers
+        before = Predictor(model, tokenizer).logits(TEXTS)
+        save_classifier(model, tokenizer, tmp_path / f"model-{layers}")
+        loaded, loaded_tokenizer = load_classifier(tmp_path / f"model-{layers}")
+        assert loaded.config.num_hidden_layers == layers
+        assert abs(Predictor(loaded, loaded_tokenizer).logits(TEXTS) - before).max() < 1e-4
+    shutil.rmtree(qwen)
+
+
+def test_base_layers_beyond_the_models_depth_are_refused(tiny_llama):
+    with pytest.raises(TextclfError, match="base_layers=3: .* has 2 transformer layers"):
+        make(tiny_llama, base_layers=3)
+    from textclf.config import build_config
+
+    with pytest.raises(TextclfError, match="lora_layers=2: base_layers=1 keeps only 1 transformer layers"):
+        build_config("lora", base_model=tiny_llama, base_layers=1, lora_layers=2)
+    with pytest.raises(TextclfError, match="frozen_layers=3: base_layers=2 keeps only 2 transformer layers"):
+        build_config("full", base_model=tiny_llama, base_layers=2, frozen_layers=3)
+
+
 def test_truncation_cuts_the_text_not_the_template(tiny_llama):
     from textclf.components.model import load_tokenizer
     from textclf.config import DEFAULT_PROMPT_TEMPLATE

@@ -85,6 +85,9 @@ class DataConfig:
 @dataclass(frozen=True)
 class ModelConfig:
     base_model: str = param(DEFAULT_BASE_MODEL, "local Hugging Face folder or hub id")
+    base_layers: int = param(0, "keep only the base model's lowest N transformer layers (0: all): the layers above "
+                             "are not built, so each step costs about N/depth of the whole model's",
+                             range=NON_NEGATIVE)
     head: str = preset("classification head", full="mlp", lora="mlp", choices=HEADS)
     head_dropout: float = param(0.1, "dropout in the head", range=FRACTION)
     pooling: str = param("auto", "auto: last token (decoders), mean (encoders)", choices=POOLINGS)
@@ -284,6 +287,11 @@ def validate(config: RunConfig) -> None:
         raise TextclfError(f"lora_layers applies to mode=lora (use frozen_layers in mode=full); got mode={config.mode}")
     if config.model.frozen_layers and config.mode != "full":
         raise TextclfError(f"frozen_layers applies to mode=full (LoRA already freezes the base model); got mode={config.mode}")
+    base_layers = config.model.base_layers
+    for name in ("lora_layers", "frozen_layers"):
+        if base_layers and getattr(config.model, name) > base_layers:
+            raise TextclfError(f"{name}={getattr(config.model, name)}: base_layers={base_layers} keeps only "
+                               f"{base_layers} transformer layers")
 
 
 # Each logged param value is cut to 500 characters: the MLflow installed here stores up to 6000, but remote

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import AutoModel, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedTokenizerBase
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 from textclf.config import REPO_ROOT, ModelConfig
@@ -35,9 +36,10 @@ LEGACY_RUN_CONFIG_FILE = "config.json"
 #   1: textclf.json without format_version, and no run configuration (folders written before either existed);
 #   2: textclf.json holds format_version, and the run's configuration sits beside it as config.json when a training
 #      run wrote the folder;
-#   3: that configuration is training_config.json.
+#   3: that configuration is training_config.json;
+#   4: textclf.json holds base_layers (the base model's lowest layers the classifier keeps).
 # Loading accepts every version up to this one.
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 HEAD_FILE = "head.safetensors"
 BACKBONE_DIR = "backbone"
 ADAPTER_DIR = "adapter"
@@ -62,6 +64,7 @@ class ClassifierSpec:
     base_model: str
     mode: str
     lora: dict[str, Any] | None = None
+    base_layers: int = 0  # the base model's lowest layers kept (0: all); a saved backbone has only those
     extra: dict[str, Any] = field(default_factory=dict)
 
     def save(self, folder: Path, run_config: dict[str, Any] | None = None) -> None:
@@ -266,12 +269,59 @@ def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
         raise TextclfError(f"{path}: cannot load a tokenizer ({str(exc).splitlines()[0]})") from None
 
 
-def load_backbone(path: str, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """The base model without its LM head. Raises TextclfError when it cannot be loaded."""
+def load_backbone(path: str, dtype: torch.dtype = torch.float32, layers: int = 0) -> nn.Module:
+    """The base model without its LM head; with ``layers``, only its lowest ``layers`` transformer layers.
+    Raises TextclfError when it cannot be loaded."""
     try:
-        return AutoModel.from_pretrained(path, dtype=dtype)
+        if not layers:
+            return AutoModel.from_pretrained(path, dtype=dtype)
+        return load_lowest_layers(path, dtype, layers)
     except (OSError, ValueError, KeyError) as exc:
         raise TextclfError(f"{path}: cannot load a base model ({str(exc).splitlines()[0]})") from None
+
+
+def load_lowest_layers(path: str, dtype: torch.dtype, layers: int) -> nn.Module:
+    """The base model built with ``layers`` transformer layers (transformers' ``num_hidden_layers``), the weights
+    of the layers above left unused: a classifier may read a middle layer's features, which for SmolLM2 on SST-2
+    separate the classes better than the last layer's (docs/benchmarks.md), at a fraction of the compute.
+
+    transformers reports every weight it did not use as a warning, which here lists each weight of the dropped
+    layers: that report is kept quiet and read here instead. A weight of the layers kept that the folder lacks is an
+    error; other missing weights (an encoder's unused pooler) are warned about, as transformers would have.
+    """
+    from transformers.utils import logging as hf_logging
+
+    config = AutoConfig.from_pretrained(path)
+    depth = getattr(config, "num_hidden_layers", None)
+    if not depth:
+        raise TextclfError(f"base_layers={layers}: {path} does not declare its number of layers (num_hidden_layers)")
+    if layers > depth:
+        raise TextclfError(f"base_layers={layers}: {path} has {depth} transformer layers")
+    config.num_hidden_layers = layers
+    for name, value in list(vars(config).items()):
+        # Per-layer settings (layer_types, mlp_layer_types: attention or MLP kind of each layer) follow the depth;
+        # transformers checks them only when the config is saved, after training.
+        if "layer" in name and isinstance(value, list) and len(value) == depth:
+            setattr(config, name, value[:layers])
+    if hasattr(config, "validate_layer_type"):
+        config.validate_layer_type()
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        backbone, info = AutoModel.from_pretrained(path, config=config, dtype=dtype, output_loading_info=True)
+    except RuntimeError as exc:  # a size mismatch or conversion error, whose report was silenced above
+        raise TextclfError(f"base_layers={layers}: {path} did not load ({str(exc).splitlines()[0]})") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    kept_layer = re.compile(r"(?:^|\.)layers?\.(\d+)\.")
+    missing = sorted(info["missing_keys"])
+    lacking = [key for key in missing if (match := kept_layer.search(key)) and int(match.group(1)) < layers]
+    if lacking:
+        raise TextclfError(f"base_layers={layers}: {path} lacks weights of the layers kept ({', '.join(lacking[:3])})")
+    if missing:
+        log.warning("%s: weights not in the folder, newly initialized: %s", path, ", ".join(missing[:5]))
+    log.info("base_layers=%d: the lowest %d of the base model's %d transformer layers", layers, layers, depth)
+    return backbone
 
 
 def resolve_lora_targets(backbone: nn.Module, requested: str) -> list[str]:
@@ -353,7 +403,7 @@ def build_classifier(
     """
     path = resolve_model_path(config.base_model)
     tokenizer = load_tokenizer(path)
-    backbone = load_backbone(path)
+    backbone = load_backbone(path, layers=config.base_layers)
     model_type = backbone.config.model_type
     pooling = default_pooling(model_type) if config.pooling == "auto" else config.pooling
     lora = None
@@ -364,7 +414,7 @@ def build_classifier(
     spec = ClassifierSpec(
         label_names=list(label_names), prompt_template=prompt_template, max_length=max_length, pooling=pooling,
         head=config.head, head_dropout=config.head_dropout, hidden_size=backbone.config.hidden_size,
-        base_model=config.base_model, mode=mode, lora=lora,
+        base_model=config.base_model, mode=mode, lora=lora, base_layers=config.base_layers,
     )
     return TextClassifier(backbone, spec), tokenizer
 
@@ -410,7 +460,7 @@ def rebuild_from_state(folder: Path, state_file: Path) -> tuple[TextClassifier, 
     spec = ClassifierSpec.load(folder)
     path = resolve_model_path(spec.base_model)
     tokenizer = load_tokenizer(str(folder)) if (folder / "tokenizer_config.json").exists() else load_tokenizer(path)
-    backbone = load_backbone(path)
+    backbone = load_backbone(path, layers=spec.base_layers)
     if spec.lora:
         from peft import LoraConfig, get_peft_model
 
